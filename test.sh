@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install everything the tests need and run the whole suite, from any directory:
+#   ./test.sh [pytest options]      e.g. ./test.sh -k health -x
+# Same set-up as start.sh plus requirements-test.txt (each reinstalled only when changed), then
+# pytest with the defaults from pyproject.toml. The exit code is pytest's.
+set -euo pipefail
+cd -- "$(dirname -- "${BASH_SOURCE[0]}")"
+SETUP_PROG=test.sh
+# shellcheck source=scripts/_common.sh
+. scripts/_common.sh
+
+setup_runtime
+setup_requirements test requirements-test.txt
+setup_models
+exec "$PY" -m pytest "$@"
