@@ -1,0 +1,69 @@
+"""Who may call the API: an optional API key and an optional list of client addresses.
+
+Both checks run before any route. `/health` stays open without a key so supervisors and load
+balancers can probe it, but it still obeys AUTHORIZED_URLS.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterable
+
+from api.errors import Forbidden, Unauthorized
+
+log = logging.getLogger("api.access")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _resolve(name: str) -> list[Network]:
+    """Resolve a host name once, at start-up, to the addresses it stands for."""
+    try:
+        infos = socket.getaddrinfo(name, None)
+    except OSError:
+        log.warning("AUTHORIZED_URLS: cannot resolve host name %r; it authorizes nobody", name)
+        return []
+    return [ipaddress.ip_network(info[4][0].split("%")[0]) for info in infos]
+
+
+def parse_networks(entries: Iterable[str]) -> list[Network]:
+    networks: list[Network] = []
+    for entry in entries:
+        host = entry.split("://", 1)[-1].strip("[]").rstrip("/")  # tolerate "http://host" and "[::1]"
+        try:
+            networks.append(ipaddress.ip_network(host, strict=False))
+        except ValueError:
+            networks.extend(_resolve(host.split(":")[0]))
+    return networks
+
+
+class AccessPolicy:
+    def __init__(self, api_key: str, authorized: Iterable[str]) -> None:
+        entries = tuple(authorized)
+        self._key = api_key.encode()
+        self._networks = parse_networks(entries)
+        self._restricted = bool(entries)
+
+    def check_client(self, remote_addr: str | None) -> None:
+        if not self._restricted:
+            return
+        try:
+            address = ipaddress.ip_address((remote_addr or "").split("%")[0])
+        except ValueError:
+            raise Forbidden("this client address is not authorized") from None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if not any(address in network for network in self._networks):
+            raise Forbidden(f"client {address} is not in AUTHORIZED_URLS")
+
+    def check_key(self, authorization: str | None, api_key_header: str | None) -> None:
+        if not self._key:
+            return
+        offered = api_key_header or ""
+        if authorization and authorization[:7].lower() == "bearer ":
+            offered = authorization[7:].strip()
+        if not hmac.compare_digest(offered.encode(), self._key):
+            raise Unauthorized("a valid API key is required (Authorization: Bearer <key> or X-Api-Key)")

@@ -1,0 +1,98 @@
+"""One hierarchy of API errors; each wire format renders them in its own shape.
+
+The fields follow OpenAI's error object (`message`, `type`, `param`, `code`) because it is the
+richest of the formats we speak; the other adapters pick what they need. Messages are written for
+the client and never contain a stack trace or a local path.
+"""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(ApiError):
+    """Malformed JSON, a wrong type, a missing field, an out-of-range value: 400."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ApiError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class ServiceUnavailable(ApiError):
+    """The model is loading, or no worker can serve: try again later (503 + Retry-After)."""
+
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 1, code: str | None = None) -> None:
+        super().__init__(message, retry_after=retry_after, code=code)
+
+
+class GenerationTimeout(ApiError):
+    """A generation ran past its time limit or stopped making progress: 504."""
+
+    status = 504
+    type = "server_error"
+    code = "timeout"
+
+
+class EngineFailure(ApiError):
+    """The engine reported an error we cannot blame on the request."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_error"

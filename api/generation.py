@@ -1,0 +1,321 @@
+"""The generation service: one internal request type that every wire format translates into.
+
+An adapter builds a `GenerationRequest`, calls `GenerationService.start()` and iterates the
+returned `Generation` for text. The service renders the prompt, enforces the limits (request
+time, stalls, stop strings, client disconnects) and tells the worker, through an
+`InferenceObserver`, when inference begins, progresses and ends.
+
+The model runs in a thread of its own that feeds a queue; the request thread reads the queue.
+That keeps one code path for streamed and whole replies, and lets the request thread notice a
+generation that stopped making progress even while gpt4all is stuck inside C code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from api.engine import ChatModel, EmbeddingModel, EngineRun, SamplingParams
+from api.errors import ApiError, EngineFailure, GenerationTimeout, InvalidRequest, ServiceUnavailable
+
+FinishReason = Literal["stop", "length"]
+_DISCONNECT_POLL_SECONDS = 0.2
+
+
+class InferenceObserver(Protocol):
+    """What the worker process wants to know about inference (see api.worker)."""
+
+    def inference_started(self) -> None: ...
+
+    def progress(self) -> None: ...
+
+    def inference_finished(self) -> None: ...
+
+
+class NullObserver:
+    def inference_started(self) -> None:
+        pass
+
+    def progress(self) -> None:
+        pass
+
+    def inference_finished(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Limits:
+    request_timeout: float
+    stall_timeout: float
+
+
+@dataclass
+class GenerationRequest:
+    """One request for text, whichever wire format it came in."""
+
+    sampling: SamplingParams
+    model: str | None = None
+    messages: Sequence[dict[str, str]] | None = None
+    prompt: str | None = None
+    stop: tuple[str, ...] = ()
+    is_disconnected: Callable[[], bool] = field(default=lambda: False)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Totals of a finished generation, for `usage`, `finish_reason` and timings."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    prompt_seconds: float
+    total_seconds: float
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        decode_seconds = self.total_seconds - self.prompt_seconds
+        return self.completion_tokens / decode_seconds if decode_seconds > 0 else 0.0
+
+
+class StopFilter:
+    """Cuts the output at the first stop string, never letting part of one reach the client.
+
+    Text that could be the beginning of a stop string is held back until the next piece shows
+    whether it is one.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stop for stop in stops if stop)
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Return the text that is safe to send now."""
+        if not self.stops:
+            return text
+        buffer = self.held + text
+        hits = [index for index in (buffer.find(stop) for stop in self.stops) if index >= 0]
+        if hits:
+            self.stopped = True
+            self.held = ""
+            return buffer[: min(hits)]
+        keep = self._longest_partial_stop(buffer)
+        self.held = buffer[len(buffer) - keep:] if keep else ""
+        return buffer[: len(buffer) - keep]
+
+    def flush(self) -> str:
+        """At the end of the generation, what was held back was not a stop string after all."""
+        held, self.held = self.held, ""
+        return held
+
+    def _longest_partial_stop(self, buffer: str) -> int:
+        longest = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(buffer)), longest, -1):
+                if buffer.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
+
+class Generation:
+    """One running generation. Iterate it for text; then `outcome` holds the totals.
+
+    Closing it early (a client that went away) cancels the generation at its next token.
+    """
+
+    def __init__(self, model: ChatModel, prompt: str, request: GenerationRequest, limits: Limits,
+                 observer: InferenceObserver) -> None:
+        self.id = uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model_name = model.name
+        self.outcome: Outcome | None = None
+        self._model = model
+        self._prompt = prompt
+        self._request = request
+        self._limits = limits
+        self._observer = observer
+        self._events: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._cancel = threading.Event()
+        self._stop_filter = StopFilter(request.stop)
+        self._pieces: Iterator[str] | None = None
+        self._primed: list[str] = []
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        """Reserve the model and start generating. Raises ServiceUnavailable if it stays busy."""
+        if not self._model.acquire(timeout=self._limits.request_timeout):
+            raise ServiceUnavailable("the model is busy with another request; try again", retry_after=2)
+        self._started_at = time.monotonic()
+        self._observer.inference_started()
+        threading.Thread(target=self._run, name=f"generation-{self.id[:8]}", daemon=True).start()
+        self._pieces = self._read_pieces()
+
+    def prime(self) -> None:
+        """Wait for the first sign of life, so early errors (prompt too long) surface as statuses
+        before any response header is sent."""
+        assert self._pieces is not None, "start() first"
+        with contextlib.suppress(StopIteration):
+            self._primed.append(next(self._pieces))
+
+    def __iter__(self) -> Iterator[str]:
+        assert self._pieces is not None, "start() first"
+        try:
+            yield from self._primed
+            self._primed.clear()
+            yield from self._pieces
+        finally:
+            self.close()
+
+    def text(self) -> str:
+        """Run to the end and return the whole reply."""
+        return "".join(self)
+
+    def close(self) -> None:
+        self._cancel.set()
+
+    # -- the model's thread
+
+    def _run(self) -> None:
+        try:
+            run = self._model.generate(
+                self._prompt, self._request.sampling, self._on_text,
+                cancel=self._cancel, progress=self._observer.progress,
+            )
+            self._events.put(("end", run))
+        except ApiError as error:
+            self._events.put(("error", error))
+        except Exception as error:
+            self._events.put(("error", EngineFailure(f"generation failed: {type(error).__name__}")))
+        finally:
+            self._model.release()
+            self._observer.inference_finished()
+
+    def _on_text(self, text: str) -> bool:
+        self._events.put(("text", text))
+        return True
+
+    # -- the request's thread
+
+    def _read_pieces(self) -> Iterator[str]:
+        while True:
+            kind, value = self._next_event()
+            if kind == "text":
+                piece = self._stop_filter.feed(str(value))
+                if piece:
+                    yield piece
+                if self._stop_filter.stopped:
+                    self._cancel.set()
+            elif kind == "error":
+                assert isinstance(value, ApiError)
+                raise value
+            else:
+                assert isinstance(value, EngineRun)
+                if not self._stop_filter.stopped:
+                    rest = self._stop_filter.flush()
+                    if rest:
+                        yield rest
+                self.outcome = self._outcome(value)
+                return
+
+    def _next_event(self) -> tuple[str, object]:
+        """The next event from the model's thread, enforcing the time limits meanwhile."""
+        last_event_at = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if not self._cancel.is_set() and self._request.is_disconnected():
+                self._cancel.set()  # nobody is listening: stop at the next token
+            if now - self._started_at > self._limits.request_timeout:
+                self._cancel.set()
+                raise GenerationTimeout(
+                    f"the generation ran longer than REQUEST_TIMEOUT ({self._limits.request_timeout:g} s) and was stopped")
+            if now - last_event_at > self._limits.stall_timeout:
+                self._cancel.set()
+                raise GenerationTimeout(
+                    f"the model produced nothing for STALL_TIMEOUT ({self._limits.stall_timeout:g} s); the generation was stopped")
+            try:
+                return self._events.get(timeout=_DISCONNECT_POLL_SECONDS)
+            except queue.Empty:
+                continue
+
+    def _outcome(self, run: EngineRun) -> Outcome:
+        hit_length = run.completion_tokens >= self._request.sampling.max_tokens and not self._stop_filter.stopped
+        return Outcome(
+            prompt_tokens=run.prompt_tokens,
+            completion_tokens=run.completion_tokens,
+            finish_reason="length" if hit_length else "stop",
+            prompt_seconds=run.prompt_seconds,
+            total_seconds=run.total_seconds,
+        )
+
+
+class ModelResolver(Protocol):
+    def chat_model(self, requested: str | None) -> ChatModel: ...
+
+
+class GenerationService:
+    """Turns a GenerationRequest into a running Generation on the right model."""
+
+    def __init__(self, models: ModelResolver, limits: Limits, observer: InferenceObserver | None = None) -> None:
+        self.models = models
+        self.limits = limits
+        self.observer = observer or NullObserver()
+
+    def render_prompt(self, model: ChatModel, request: GenerationRequest) -> str:
+        if request.messages is not None:
+            return model.template.render(request.messages, add_generation_prompt=True)
+        if request.prompt is None:
+            raise InvalidRequest("a prompt or messages are required", param="prompt")
+        return request.prompt
+
+    def embed(self, model: EmbeddingModel, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Embed texts; this touches a model, so the worker counts it like a generation."""
+        self.observer.inference_started()
+        try:
+            return model.embed(texts, timeout=self.limits.request_timeout)
+        finally:
+            self.observer.inference_finished()
+
+    def start(self, request: GenerationRequest) -> Generation:
+        """Validate, render and start; errors that need no model run are raised here."""
+        model = self.models.chat_model(request.model)
+        prompt = self.render_prompt(model, request)
+        generation = Generation(model, prompt, request, self.limits, self.observer)
+        generation.start()
+        generation.prime()
+        return generation
+
+
+def check_sampling(sampling: SamplingParams, names: dict[str, str] | None = None) -> SamplingParams:
+    """Reject out-of-range sampling values with a 400 naming the client's own parameter."""
+    names = names or {}
+
+    def fail(attribute: str, expected: str) -> None:
+        raise InvalidRequest(f"'{names.get(attribute, attribute)}' must be {expected}", param=names.get(attribute, attribute))
+
+    if sampling.max_tokens < 1:
+        fail("max_tokens", "at least 1")
+    if not 0 <= sampling.temperature <= 2:
+        fail("temperature", "between 0 and 2")
+    if not 0 < sampling.top_p <= 1:
+        fail("top_p", "greater than 0 and at most 1")
+    if sampling.top_k < 0:
+        fail("top_k", "0 (off) or more")
+    if not 0 <= sampling.min_p <= 1:
+        fail("min_p", "between 0 and 1")
+    if not 0 < sampling.repeat_penalty <= 10:
+        fail("repeat_penalty", "greater than 0 and at most 10")
+    if sampling.repeat_last_n < 0:
+        fail("repeat_last_n", "0 or more")
+    return sampling

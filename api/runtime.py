@@ -1,0 +1,139 @@
+"""What a worker holds while it runs: its settings, its loaded models and the generation service.
+
+The Flask app is built around a Runtime before the models are loaded, so `/health` can answer
+503 while loading and 200 once ready.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from pathlib import Path
+
+from api.config import Settings
+from api.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from api.generation import GenerationService, InferenceObserver, Limits
+from api.model_names import InstalledModel, ModelNameError, file_name_for, installed_models, model_id
+
+log = logging.getLogger("api.runtime")
+
+
+class RuntimeState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class ModelHost:
+    """The loaded models of this worker, and the installed ones it may load on demand."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._chat: dict[str, object] = {}
+        self._embedding: object | None = None
+        self._load_lock = threading.Lock()
+
+    # -- loading (imports the engine lazily: importing api must not import gpt4all)
+
+    def load_default_models(self) -> None:
+        from api.engine import ChatModel, EmbeddingModel
+
+        settings = self.settings
+        chat = ChatModel(settings.chat_model_file, n_ctx=settings.n_ctx, n_threads=settings.threads_per_worker,
+                         device=settings.device)
+        chat.advance_sampler()
+        self._chat[chat.name] = chat
+        if settings.embedding_model_file.is_file():
+            self._embedding = EmbeddingModel(settings.embedding_model_file, n_threads=settings.threads_per_worker,
+                                             device=settings.device)
+        else:
+            log.warning("embedding model %s not found in %s: /v1/embeddings is off",
+                        settings.embedding_model_name, settings.model_path)
+
+    # -- lookup
+
+    def installed(self) -> list[InstalledModel]:
+        return installed_models(self.settings.model_path)
+
+    def available_ids(self) -> list[str]:
+        return [model.id for model in self.installed()]
+
+    def _not_found(self, requested: str) -> ModelNotFound:
+        available = ", ".join(self.available_ids()) or "none"
+        return ModelNotFound(f"The model '{requested}' does not exist. Available models: {available}", param="model")
+
+    def _file_name(self, requested: str) -> str:
+        try:
+            return file_name_for(requested)
+        except ModelNameError:
+            raise self._not_found(requested) from None
+
+    def chat_model(self, requested: str | None):
+        default = self._chat.get(self.settings.model_name)
+        if default is None:
+            raise ServiceUnavailable("the model is still loading; try again shortly", retry_after=1)
+        if not requested or requested in (self.settings.model_name, model_id(self.settings.model_name)):
+            return default
+        name = self._file_name(requested)
+        if name in self._chat:
+            return self._chat[name]
+        return self._load_chat_on_demand(name, requested)
+
+    def _load_chat_on_demand(self, name: str, requested: str):
+        from api.engine import ChatModel, ModelLoadError
+
+        path = self.settings.model_path / name
+        described = next((model for model in self.installed() if model.file_name == name), None)
+        if described is None:
+            raise self._not_found(requested)
+        if described.is_embedding:
+            raise InvalidRequest(f"'{requested}' is an embedding model; use /v1/embeddings", param="model")
+        with self._load_lock:
+            if name not in self._chat:
+                log.info("loading model %s on demand", name)
+                try:
+                    self._chat[name] = ChatModel(path, n_ctx=self.settings.n_ctx,
+                                                 n_threads=self.settings.threads_per_worker, device=self.settings.device)
+                except ModelLoadError as error:
+                    raise InvalidRequest(f"the model '{requested}' could not be loaded: {error}", param="model") from None
+        return self._chat[name]
+
+    def embedding_model(self, requested: str | None):
+        if self._embedding is None:
+            raise ServiceUnavailable("no embedding model is installed (EMBEDDING_MODEL_NAME)", retry_after=60,
+                                     code="embedding_model_missing")
+        if requested and requested not in (self.settings.embedding_model_name, model_id(self.settings.embedding_model_name)):
+            raise self._not_found(requested)
+        return self._embedding
+
+    @property
+    def default_chat_name(self) -> str:
+        return self.settings.model_name
+
+    def model_file(self, name: str) -> Path:
+        return self.settings.model_path / name
+
+
+class Runtime:
+    def __init__(self, settings: Settings, observer: InferenceObserver | None = None) -> None:
+        self.settings = settings
+        self.models = ModelHost(settings)
+        self.service = GenerationService(
+            self.models, Limits(settings.request_timeout, settings.stall_timeout), observer)
+        self.state = RuntimeState.LOADING
+        self.failure: str | None = None
+
+    def load(self) -> None:
+        """Load the models; on failure record why (health reports it) and re-raise."""
+        try:
+            self.models.load_default_models()
+        except Exception as error:
+            self.state = RuntimeState.FAILED
+            self.failure = str(error)
+            raise
+        self.state = RuntimeState.READY
+
+    @property
+    def ready(self) -> bool:
+        return self.state is RuntimeState.READY

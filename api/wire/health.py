@@ -1,0 +1,22 @@
+"""GET /health: 503 while the model loads (or failed to), 200 with the model name when ready."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from api.wire.common import runtime
+
+blueprint = Blueprint("health", __name__)
+
+
+@blueprint.get("/health")
+def health() -> Response:
+    state = runtime()
+    body: dict[str, object] = {"status": state.state.value, "model": state.settings.model_name}
+    if state.failure:
+        body["reason"] = state.failure
+    response = jsonify(body)
+    if not state.ready:
+        response.status_code = 503
+        response.headers["Retry-After"] = "1"
+    return response
