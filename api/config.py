@@ -22,6 +22,7 @@ from typing import Any
 from dotenv import dotenv_values
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENV_FILE_VARIABLE = "ENV_FILE"  # points at another .env file (tests point it at an empty one)
 
 
 class ConfigError(ValueError):
@@ -256,7 +257,8 @@ _PATH_KEYS = {"MODEL_PATH", "WATCHDOG_TEMPFILE", "LOG_FOLDER_NAME"}
 def read_raw_settings(environ: Mapping[str, str] | None = None, env_file: Path | None = None) -> dict[str, str]:
     """Merge the defaults, `.env` and the environment (which wins), for the declared keys only."""
     environ = os.environ if environ is None else environ
-    env_file = PROJECT_ROOT / ".env" if env_file is None else env_file
+    if env_file is None:
+        env_file = Path(environ.get(ENV_FILE_VARIABLE) or PROJECT_ROOT / ".env")
     from_file = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file.is_file() else {}
     raw = {f.key: f.default for f in FIELDS}
     for source in (from_file, environ):
@@ -302,3 +304,19 @@ def check_model_files(settings: Settings) -> None:
             f"a model file in MODEL_PATH ({settings.model_path}); no such file. "
             "Put the .gguf file there, or leave MODEL_NAME unset for the bundled model",
         )
+
+
+def render_env_example() -> str:
+    """The text of `.env.example`: every key with its help line and default (a test keeps it in step)."""
+    lines = [
+        "# Configuration of the GPT4All API daemon. Copy to .env and change what you need;",
+        "# environment variables override this file. Every key is shown with its default.",
+        "",
+    ]
+    for field in FIELDS:
+        lines += [f"# {field.help}", f"{field.key}={field.default}", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_env_example(), end="")

@@ -1,0 +1,126 @@
+"""Real processes on real loopback sockets, for end-to-end tests.
+
+`ServerProcess` starts a command (a worker, the supervisor) with its own environment, waits until
+it answers, and on teardown stops it and every process it started: a test that leaves an orphan
+is a failing test, so `stop()` reports survivors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import psutil
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def base_env(**overrides: object) -> dict[str, str]:
+    """The test process's environment minus our configuration keys, plus `overrides`.
+
+    A developer's own .env must not leak into tests, so ENV_FILE points at an empty file.
+    """
+    from api.config import ENV_FILE_VARIABLE, FIELDS
+
+    env = {key: value for key, value in os.environ.items() if key not in {field.key for field in FIELDS}}
+    env["PYTHONUNBUFFERED"] = "1"
+    env[ENV_FILE_VARIABLE] = os.devnull
+    env.update({key: str(value) for key, value in overrides.items()})
+    return env
+
+
+class ServerProcess:
+    def __init__(self, args: list[str], env: Mapping[str, str], port: int, log_path: Path) -> None:
+        self.args = args
+        self.env = dict(env)
+        self.port = port
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> ServerProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            self.args, cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout: float = 30.0, path: str = "/health",
+                   accept: Callable[[int], bool] = lambda status: status == 200) -> ServerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
+            with contextlib.suppress(requests.RequestException):
+                if accept(requests.get(self.url + path, timeout=1).status_code):
+                    return self
+            time.sleep(0.05)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_text()[-3000:]}")
+
+    def wait_answering(self, timeout: float = 30.0) -> ServerProcess:
+        """Wait until the server answers HTTP at all (whatever the status)."""
+        return self.wait_ready(timeout, accept=lambda _status: True)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 10.0) -> list[int]:
+        """Stop the server and everything it started; return pids that had to be killed late."""
+        if self.process is None:
+            return []
+        children = self.descendants()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        _, alive = psutil.wait_procs(children, timeout=5)
+        for survivor in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                survivor.kill()
+        if self._log:
+            self._log.close()
+        self.process = None
+        return [survivor.pid for survivor in alive]
+
+
+def start_worker(model_dir: Path, tmp_path: Path, **settings: object) -> ServerProcess:
+    """A standalone worker (`python -m api`) on a free port, serving the models in model_dir."""
+    port = free_port()
+    env = base_env(MODEL_PATH=model_dir, LISTEN_PORT=port, LOG_FOLDER_NAME=tmp_path / "logs",
+                   WATCHDOG_TEMPFILE=tmp_path / "run", **settings)
+    return ServerProcess([PYTHON, "-m", "api"], env, port, tmp_path / f"worker-{port}.log").start()

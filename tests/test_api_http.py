@@ -1,0 +1,88 @@
+"""HTTP behaviour shared by every route: health, access control, limits, unknown routes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import tiny_settings
+from tests.servers import ServerProcess, start_worker
+from tests.test_api_original import assert_json_error
+
+KEY = "s3cret-key"
+
+
+def test_health_reports_the_model(tiny_worker: ServerProcess) -> None:
+    response = requests.get(tiny_worker.url + "/health", timeout=10)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "model": "tiny-chat.gguf"}
+    assert response.headers["X-Worker-Pid"] == str(tiny_worker.pid)
+
+
+def test_unknown_route_is_a_json_404(tiny_worker: ServerProcess) -> None:
+    assert_json_error(requests.get(tiny_worker.url + "/nope", timeout=10), 404, "no route GET /nope")
+
+
+def test_oversized_body_is_a_413(tiny_worker: ServerProcess) -> None:
+    body = b'{"prompt": "' + b"x" * (1024 * 1024 + 10) + b'"}'
+    response = requests.post(tiny_worker.url + "/gpt4all_api", data=body,
+                             headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 413
+
+
+def test_prompt_longer_than_the_context_is_a_400(tiny_worker: ServerProcess) -> None:
+    response = requests.post(tiny_worker.url + "/v1/chat/completions", timeout=30, json={
+        "messages": [{"role": "user", "content": "word " * 400}]})  # 2000 byte tokens > 512
+    assert_json_error(response, 400, "context window")
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    # the worker is fine afterwards
+    ok = requests.post(tiny_worker.url + "/v1/completions", json={"prompt": "a", "temperature": 0}, timeout=30)
+    assert ok.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def keyed_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    worker = start_worker(tiny_model_dir, tmp_path_factory.mktemp("keyed"), **tiny_settings(API_KEY=KEY))
+    try:
+        yield worker.wait_ready()
+    finally:
+        assert worker.stop() == []
+
+
+def test_api_key_required_everywhere_but_health(keyed_worker: ServerProcess) -> None:
+    url = keyed_worker.url
+    assert requests.get(url + "/health", timeout=10).status_code == 200
+    for method, path in [("get", "/v1/models"), ("post", "/gpt4all_api"), ("post", "/v1/chat/completions"),
+                         ("get", "/no-such-route")]:
+        response = requests.request(method, url + path, json={"prompt": "x"}, timeout=10)
+        assert_json_error(response, 401, "API key")
+    wrong = requests.get(url + "/v1/models", headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert wrong.status_code == 401
+
+
+def test_api_key_accepted_as_bearer_or_header(keyed_worker: ServerProcess) -> None:
+    url = keyed_worker.url + "/v1/models"
+    assert requests.get(url, headers={"Authorization": f"Bearer {KEY}"}, timeout=10).status_code == 200
+    assert requests.get(url, headers={"X-Api-Key": KEY}, timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(("authorized", "status"), [("10.1.2.3, 192.168.0.0/16", 403), ("127.0.0.0/8", 200),
+                                                    ("localhost", 200)])
+def test_authorized_urls_limit_clients(tiny_model_dir: Path, tmp_path: Path, authorized: str, status: int) -> None:
+    worker = start_worker(tiny_model_dir, tmp_path, **tiny_settings(AUTHORIZED_URLS=authorized))
+    try:
+        if status == 200:
+            worker.wait_ready()
+        else:
+            worker.wait_answering()
+        health = requests.get(worker.url + "/health", timeout=10)
+        response = requests.get(worker.url + "/v1/models", timeout=10)
+        assert response.status_code == status, response.text
+        assert health.status_code == (403 if status == 403 else 200)
+        if status == 403:
+            assert response.json()["error"]["code"] == "forbidden"
+    finally:
+        assert worker.stop() == []
