@@ -212,6 +212,8 @@ class Generation:
         while True:
             kind, value = self._next_event()
             if kind == "text":
+                if self._stop_filter.stopped:
+                    continue  # tokens already in flight when the stop string matched
                 piece = self._stop_filter.feed(str(value))
                 if piece:
                     yield piece
