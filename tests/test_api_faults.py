@@ -1,0 +1,106 @@
+"""Faults inside one worker: clients that leave mid-stream, generations over their time limit,
+and many threads at once on one model (two concurrent gpt4all generations would crash it)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import tiny_settings
+from tests.servers import ServerProcess, start_worker
+from tests.tiny_models import TINY_CHAT_REPLY
+
+ENDLESS = {"prompt": "0", "temperature": 0, "max_tokens": 100_000_000, "stream": True}  # digits forever
+
+
+def open_stream_and_hang_up(worker: ServerProcess, body: dict, read_bytes: int = 2000) -> bytes:
+    """Start a streamed request on a raw socket, read a little of it, then disconnect abruptly."""
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                           + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        received = b""
+        while len(received) < read_bytes:
+            received += connection.recv(4096)
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+    return received
+
+
+def test_disconnect_mid_stream_stops_the_generation(tiny_worker: ServerProcess) -> None:
+    received = open_stream_and_hang_up(tiny_worker, ENDLESS)
+    assert b"200 OK" in received and b"data: " in received
+    # One generation at a time: this request can only run once the abandoned one has stopped.
+    # Left running, the endless one would hold the model for hours.
+    started = time.monotonic()
+    response = requests.post(tiny_worker.url + "/v1/chat/completions", timeout=15,
+                             json={"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == TINY_CHAT_REPLY
+    assert time.monotonic() - started < 5
+
+
+@pytest.fixture(scope="module")
+def hasty_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    worker = start_worker(tiny_model_dir, tmp_path_factory.mktemp("hasty"),
+                          **tiny_settings(REQUEST_TIMEOUT=1, STALL_TIMEOUT=1))
+    try:
+        yield worker.wait_ready()
+    finally:
+        assert worker.stop() == []
+
+
+def test_generation_over_request_timeout_is_a_504_and_the_worker_recovers(hasty_worker: ServerProcess) -> None:
+    started = time.monotonic()
+    response = requests.post(hasty_worker.url + "/v1/completions", json={**ENDLESS, "stream": False}, timeout=30)
+    assert response.status_code == 504
+    assert "REQUEST_TIMEOUT" in response.json()["error"]["message"]
+    assert time.monotonic() - started < 5
+    ok = requests.post(hasty_worker.url + "/v1/completions", json={"prompt": "w", "temperature": 0}, timeout=10)
+    assert ok.json()["choices"][0]["text"] == "xyz"
+
+
+def test_streamed_generation_over_request_timeout_ends_with_an_error_event(hasty_worker: ServerProcess) -> None:
+    response = requests.post(hasty_worker.url + "/v1/completions", json=ENDLESS, timeout=30)
+    assert response.status_code == 200  # headers were already sent when the limit struck
+    last = response.text.strip().split("\n\n")[-1]
+    assert last.startswith("data: ") and json.loads(last[6:])["error"]["code"] == "timeout"
+
+
+def test_many_threads_on_one_worker_never_crash_it(tiny_worker: ServerProcess) -> None:
+    failures: list[str] = []
+
+    def hammer(index: int) -> None:
+        session = requests.Session()
+        for round_ in range(12):
+            kind = (index + round_) % 3
+            try:
+                if kind == 0:
+                    response = session.post(tiny_worker.url + "/v1/chat/completions", timeout=60, json={
+                        "messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
+                    ok = response.json()["choices"][0]["message"]["content"] == TINY_CHAT_REPLY
+                elif kind == 1:
+                    response = session.post(tiny_worker.url + "/gpt4all_api", timeout=60,
+                                            json={"prompt": "Hi", "temp": 0, "stream": True})
+                    ok = response.text == TINY_CHAT_REPLY
+                else:
+                    response = session.post(tiny_worker.url + "/v1/embeddings", json={"input": ["a b", "c"]}, timeout=60)
+                    ok = len(response.json()["data"]) == 2
+                if response.status_code != 200 or not ok:
+                    failures.append(f"{kind}: {response.status_code} {response.text[:200]}")
+            except requests.RequestException as error:
+                failures.append(f"{kind}: {error}")
+
+    threads = [threading.Thread(target=hammer, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == []
+    assert tiny_worker.process is not None and tiny_worker.process.poll() is None
