@@ -1,0 +1,77 @@
+"""End to end on the two real bundled models, through a real worker and the official client."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from api.bundled_models import CHAT_MODEL_NAME, EMBEDDING_MODEL_NAME, prepare_default_models
+from tests.servers import REPO, ServerProcess, start_worker
+
+pytestmark = pytest.mark.bundled
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def bundled_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    model_dir = REPO / "models"
+    prepare_default_models(model_dir)  # what ./start.sh does; a no-op when already prepared
+    worker = start_worker(model_dir, tmp_path_factory.mktemp("bundled"), N_THREADS=2)
+    try:
+        yield worker.wait_ready(timeout=60)
+    finally:
+        assert worker.stop() == []
+
+
+@pytest.fixture
+def client(bundled_worker: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=bundled_worker.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_defaults_are_the_bundled_models(bundled_worker: ServerProcess) -> None:
+    health = requests.get(bundled_worker.url + "/health", timeout=10).json()
+    assert health == {"status": "ready", "model": CHAT_MODEL_NAME}
+    ids = {model["id"] for model in requests.get(bundled_worker.url + "/v1/models", timeout=10).json()["data"]}
+    assert ids == {Path(CHAT_MODEL_NAME).stem, Path(EMBEDDING_MODEL_NAME).stem}
+
+
+def test_original_route_knows_the_capital_of_france(bundled_worker: ServerProcess) -> None:
+    response = requests.post(bundled_worker.url + "/gpt4all_api", timeout=60, json={
+        "prompt": QUESTION, "persona": "You are a helpful assistant.", "temp": 0})
+    assert response.status_code == 200
+    assert "Paris" in response.text
+
+
+def test_openai_client_chat_knows_the_capital_of_france(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model=Path(CHAT_MODEL_NAME).stem, temperature=0, max_tokens=40,
+        messages=[{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": QUESTION}])
+    assert "Paris" in (completion.choices[0].message.content or "")
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None and 10 < completion.usage.prompt_tokens < 60
+
+
+def test_openai_client_stream_knows_the_capital_of_france(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=Path(CHAT_MODEL_NAME).stem, temperature=0, max_tokens=40, stream=True,
+        messages=[{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": QUESTION}])
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert "Paris" in text
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_paraphrases_are_closer_than_unrelated_texts(client: openai.OpenAI) -> None:
+    texts = ["The cat sits on the mat.", "A cat is sitting on the mat.", "Stock markets fell sharply today."]
+    result = client.embeddings.create(model=Path(EMBEDDING_MODEL_NAME).stem, input=texts)
+    cat, paraphrase, stocks = (item.embedding for item in result.data)
+    assert len(cat) == 384
+    assert cosine(cat, paraphrase) > cosine(cat, stocks) + 0.3
