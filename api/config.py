@@ -174,6 +174,9 @@ FIELDS: tuple[Field, ...] = (
     Field("GRACEFUL_TIMEOUT", "30", _seconds, "On stop or reload: how long in-flight requests may take to finish."),
     Field("BOOT_TIMEOUT", "120", _seconds, "Longest a worker may take to load its model before it counts as hung."),
     Field("HEALTH_INTERVAL", "5", _seconds, "Seconds between health probes of each worker."),
+    Field("KILL_TIMEOUT", "5", _seconds, "How long a hung worker gets after TERM before its whole process tree is killed."),
+    Field("RESTART_BACKOFF_MAX", "30", _seconds,
+          "Longest wait between attempts to start a worker that keeps failing (the wait doubles from 0.5 s)."),
     Field("LOG_MAX_BYTES", "10485760", _integer(1024), "Rotate a log file when it reaches this size."),
     Field("LOG_BACKUPS", "5", _integer(0), "Rotated log files kept."),
     # -- model retrieval (off by default: nothing downloads unless a user asks for it)
@@ -217,6 +220,8 @@ class Settings:
     graceful_timeout: float
     boot_timeout: float
     health_interval: float
+    kill_timeout: float
+    restart_backoff_max: float
     log_max_bytes: int
     log_backups: int
     allow_download: bool
