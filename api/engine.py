@@ -29,7 +29,7 @@ from gpt4all import _pyllmodel as bindings
 
 from api.chat_template import ChatTemplate
 from api.errors import ApiError, ContextLengthExceeded, EngineFailure, InvalidRequest, ServiceUnavailable
-from api.gguf_header import read_metadata
+from api.gguf_header import GGUFFormatError, read_metadata
 
 # gpt4all caps the prompt batch at 128; its generate() default of 8 costs 15-25% of first-token time.
 PROMPT_BATCH = 128
@@ -81,6 +81,15 @@ def _load(path: Path, *, n_ctx: int, n_threads: int, device: str) -> GPT4All:
     return model
 
 
+def _read_model_metadata(path: Path) -> dict[str, object]:
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    try:
+        return read_metadata(path)
+    except (GGUFFormatError, OSError) as error:
+        raise ModelLoadError(f"{path.name}: {error}") from None
+
+
 def _context_error(message: str) -> ApiError:
     if "too long" in message or "context" in message.lower():
         return ContextLengthExceeded(
@@ -94,7 +103,7 @@ class ChatModel:
     def __init__(self, path: Path, *, n_ctx: int, n_threads: int, device: str = "cpu") -> None:
         self.path = path
         self.name = path.name
-        metadata = read_metadata(path)
+        metadata = _read_model_metadata(path)
         trained = metadata.get(f"{metadata.get('general.architecture')}.context_length")
         self.context_length = min(n_ctx, int(trained)) if isinstance(trained, int) else n_ctx
         self.template = ChatTemplate(
@@ -223,7 +232,7 @@ class EmbeddingModel:
     def __init__(self, path: Path, *, n_threads: int, device: str = "cpu") -> None:
         self.path = path
         self.name = path.name
-        metadata = read_metadata(path)
+        metadata = _read_model_metadata(path)
         trained = metadata.get(f"{metadata.get('general.architecture')}.context_length")
         self.context_length = int(trained) if isinstance(trained, int) else 512
         self._gpt4all = _load(path, n_ctx=self.context_length, n_threads=n_threads, device=device)

@@ -23,7 +23,12 @@ class GGUFFormatError(ValueError):
     """The file is not a readable GGUF file."""
 
 
+_MAX_STRING_BYTES = 16 * 1024 * 1024  # a chat template is a few KB; a larger length means a corrupt file
+
+
 def _read(stream: BinaryIO, size: int) -> bytes:
+    if size > _MAX_STRING_BYTES:
+        raise GGUFFormatError("the header holds an impossible length (corrupt file?)")
     data = stream.read(size)
     if len(data) != size:
         raise GGUFFormatError("the file ends inside its header (truncated?)")
@@ -40,6 +45,8 @@ def _read_string(stream: BinaryIO) -> str:
 
 
 def _skip_array(stream: BinaryIO, item_type: int, count: int) -> None:
+    if count > _MAX_STRING_BYTES:
+        raise GGUFFormatError("the header holds an impossible array length (corrupt file?)")
     if item_type in _SCALARS:
         stream.seek(struct.calcsize(_SCALARS[item_type]) * count, 1)
     elif item_type == _STRING:
@@ -93,6 +100,8 @@ def read_metadata(path: Path) -> dict[str, object]:
         if version < 2:
             raise GGUFFormatError(f"{path.name}: GGUF version {version} is not supported")
         _tensor_count, kv_count = _unpack(stream, "<Q"), int(_unpack(stream, "<Q"))  # type: ignore[call-overload]
+        if kv_count > 100_000:
+            raise GGUFFormatError(f"{path.name}: the header claims {kv_count} metadata entries (corrupt file?)")
         metadata: dict[str, object] = {}
         tokens_offset: int | None = None
         for _ in range(kv_count):

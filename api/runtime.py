@@ -33,6 +33,7 @@ class ModelHost:
         self._chat: dict[str, object] = {}
         self._embedding: object | None = None
         self._load_lock = threading.Lock()
+        self.failure: str | None = None  # why the default model could not be loaded, if it could not
 
     # -- loading (imports the engine lazily: importing api must not import gpt4all)
 
@@ -71,6 +72,9 @@ class ModelHost:
 
     def chat_model(self, requested: str | None):
         default = self._chat.get(self.settings.model_name)
+        if default is None and self.failure:
+            raise ServiceUnavailable(f"the model could not be loaded: {self.failure}", retry_after=30,
+                                     code="model_load_failed")
         if default is None:
             raise ServiceUnavailable("the model is still loading; try again shortly", retry_after=1)
         if not requested or requested in (self.settings.model_name, model_id(self.settings.model_name)):
@@ -130,7 +134,7 @@ class Runtime:
             self.models.load_default_models()
         except Exception as error:
             self.state = RuntimeState.FAILED
-            self.failure = str(error)
+            self.failure = self.models.failure = str(error) or type(error).__name__
             raise
         self.state = RuntimeState.READY
 

@@ -86,3 +86,22 @@ def test_authorized_urls_limit_clients(tiny_model_dir: Path, tmp_path: Path, aut
             assert response.json()["error"]["code"] == "forbidden"
     finally:
         assert worker.stop() == []
+
+
+def test_a_broken_model_is_reported_not_hidden(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A file that is not a model: /health and every inference route say why, with Retry-After."""
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    (model_dir / "broken.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 40)
+    worker = start_worker(model_dir, tmp_path, **tiny_settings(MODEL_NAME="broken.gguf"))
+    try:
+        worker.wait_ready(accept=lambda status: status == 503 and "reason" in requests.get(worker.url + "/health").json())
+        health = requests.get(worker.url + "/health", timeout=10)
+        assert health.json()["status"] == "failed" and "broken.gguf" in health.json()["reason"]
+        response = requests.post(worker.url + "/v1/chat/completions", timeout=10,
+                                 json={"messages": [{"role": "user", "content": "Hi"}]})
+        assert_json_error(response, 503, "could not be loaded")
+        assert response.headers["Retry-After"] == "30"
+        assert response.json()["error"]["code"] == "model_load_failed"
+    finally:
+        assert worker.stop() == []
