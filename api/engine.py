@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -111,7 +110,9 @@ class ChatModel:
             bos_token=str(metadata.get("bos_token") or ""),
             eos_token=str(metadata.get("eos_token") or ""),
         )
+        loading_since = time.time()
         self._gpt4all = _load(path, n_ctx=self.context_length, n_threads=n_threads, device=device)
+        self.loaded_between = (loading_since, time.time())  # the sampler was seeded from the clock in here
         self._llmodel = self._gpt4all.model
         self._lock = threading.Lock()
         self.device = self._gpt4all.device or "cpu"
@@ -213,17 +214,16 @@ class ChatModel:
         )
         self._llmodel.context.n_past = 0  # a fresh context for every request: nothing leaks between them
 
-    def advance_sampler(self, max_steps: int = 16) -> None:
-        """Move the sampler's random state a random number of steps.
+    def advance_sampler(self, draws: int) -> None:
+        """Consume `draws` random numbers of the sampler by generating throwaway tokens.
 
-        gpt4all seeds its sampler from the clock in whole seconds and offers no way to set it, so
-        two workers that load in the same second would sample identically. A few throwaway tokens
-        at temperature 1 (off the request path, right after loading) make their states differ.
+        See api.sampler_seed: gpt4all seeds from the clock in whole seconds, so workers that load
+        in the same second must each start from a different point of the random sequence.
         """
-        steps = random.SystemRandom().randint(1, max_steps)
+        one_draw = SamplingParams(max_tokens=1, temperature=1.0, top_k=0, top_p=1.0)
         with self._lock:
-            self.generate(" ", SamplingParams(max_tokens=steps, temperature=1.0, top_k=0, top_p=1.0),
-                          lambda _text: True)
+            for _ in range(draws):  # one token each: a longer run could end early on EOS, drawing less
+                self.generate(" ", one_draw, lambda _text: True)
 
 
 class EmbeddingModel:

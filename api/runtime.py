@@ -15,6 +15,7 @@ from api.config import Settings
 from api.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from api.generation import GenerationService, InferenceObserver, Limits
 from api.model_names import InstalledModel, ModelNameError, file_name_for, installed_models, model_id
+from api.sampler_seed import claim_slot
 
 log = logging.getLogger("api.runtime")
 
@@ -43,7 +44,7 @@ class ModelHost:
         settings = self.settings
         chat = ChatModel(settings.chat_model_file, n_ctx=settings.n_ctx, n_threads=settings.threads_per_worker,
                          device=settings.device)
-        chat.advance_sampler()
+        chat.advance_sampler(claim_slot(settings.run_dir, *chat.loaded_between))
         self._chat[chat.name] = chat
         if settings.embedding_model_file.is_file():
             self._embedding = EmbeddingModel(settings.embedding_model_file, n_threads=settings.threads_per_worker,
