@@ -1,47 +1,97 @@
 """A worker process: load the model, serve the Flask app with waitress.
 
-Standalone (`python -m api`) it binds LISTEN_IP:LISTEN_PORT itself. Under the supervisor it
-serves a listening socket it inherits (see supervisor/), which is why this module and not the
-app decides when to accept connections.
+Standalone (`python -m api`) it binds LISTEN_IP:LISTEN_PORT itself and serves until interrupted.
+
+Under the supervisor (`python -m api --worker-id K --sentinel PATH --listen-fd N ...`, see
+supervisor/) it follows the contract in api.protocol:
+- it serves the listening socket the supervisor bound, and the same app on a private loopback
+  port (the *control* port) where the supervisor probes /health;
+- it accepts on the public socket only while READY: not while its model loads, not while an
+  inference runs (the next client goes to a spare), never again once it is DRAINING;
+- it reports itself in its sentinel file (state, requests served, token heartbeat);
+- after RESTART_AFTER_REQUESTS inference requests (the supervisor passes the number, jitter
+  included), or after a generation that ran over its time limit, or on a `drain` command, it
+  answers what it has accepted, closes those connections, and exits with a named exit code;
+- it dies with its supervisor: end of file on stdin, and PR_SET_PDEATHSIG on Linux.
+
+This module, not the Flask app, decides when to accept connections; the app only reports
+inference through the InferenceObserver protocol (api.generation), which WorkerLifecycle implements.
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
 import contextlib
 import logging
+import os
+import signal
+import socket
 import sys
 import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import waitress
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer
+from waitress.task import WSGITask
 
 from api.app import create_app
 from api.config import ConfigError, Settings, check_model_files, load_settings
+from api.protocol import (
+    EXIT_BAD_SOCKET,
+    EXIT_CONFIG,
+    EXIT_DRAINED,
+    EXIT_MODEL_LOAD_FAILED,
+    EXIT_ORPHANED,
+    EXIT_SERVED,
+    EXIT_STOPPED,
+    Command,
+    Sentinel,
+    WorkerState,
+    write_sentinel,
+)
 from api.runtime import Runtime
 
 log = logging.getLogger("api.worker")
 
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_MODEL_LOAD_FAILED = 11
+EXIT_OK = EXIT_STOPPED
 
 WAITRESS_THREADS = 4
+PROGRESS_WRITE_INTERVAL = 0.5
+"""Seconds between sentinel writes while tokens come: the heartbeat, throttled."""
+FRESH_CONNECTION_GRACE = 1.0
+"""A draining worker waits this long for a client that connected but has not sent its request yet."""
+EXIT_CHECK_INTERVAL = 0.05
+SERVER_IDENT = "gpt4all-api"
 
 
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if settings.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def configure_logging(settings: Settings, *, supervised: bool = False) -> None:
+    # Under the supervisor every line is stamped and tagged by its log writer.
+    fmt = "%(levelname)s %(name)s: %(message)s" if supervised else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if settings.debug else logging.INFO, format=fmt, stream=sys.stderr)
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "threads": WAITRESS_THREADS,
+        "channel_request_lookahead": 1,  # lets the app notice a client that went away
+        "max_request_body_size": settings.max_request_bytes,
+        "ident": SERVER_IDENT,
+    }
+
+
+# -- standalone
 
 
 def serve(settings: Settings) -> int:
     runtime = Runtime(settings)
     app = create_app(settings, runtime)
-    server = waitress.create_server(
-        app, host=settings.listen_ip, port=settings.listen_port, threads=WAITRESS_THREADS,
-        channel_request_lookahead=1, max_request_body_size=settings.max_request_bytes, ident="gpt4all-api",
-    )
+    server = waitress.create_server(app, host=settings.listen_ip, port=settings.listen_port, **server_options(settings))
     loader = threading.Thread(target=_load, args=(runtime,), name="model-loader", daemon=True)
     loader.start()
     log.info("listening on http://%s:%d", settings.listen_ip, settings.listen_port)
@@ -58,7 +108,380 @@ def _load(runtime: Runtime) -> None:
         log.error("model could not be loaded: %s", error)
 
 
+# -- supervised: the worker's own life
+
+
+_current = threading.local()  # the waitress task this thread is serving, if any
+
+
+class WorkerLifecycle:
+    """The worker's state, counts and exit decision (an InferenceObserver for the app).
+
+    States follow api.protocol.WorkerState: BOOTING -> READY <-> BUSY, and from any of them to
+    DRAINING, which is final. Each change is written to the sentinel file. Every method may be
+    called from any thread (waitress request threads, the model thread, the command reader).
+    """
+
+    def __init__(self, worker_id: int, sentinel: Path, *, restart_after: int, request_timeout: float,
+                 stall_timeout: float, clock: Callable[[], float] = time.monotonic,
+                 write: Callable[[Path, Sentinel], None] = write_sentinel) -> None:
+        self.worker_id = worker_id
+        self.sentinel_path = sentinel
+        self.restart_after = restart_after
+        self.request_timeout = request_timeout
+        self.stall_timeout = stall_timeout
+        self._clock = clock
+        self._write = write
+        self._lock = threading.RLock()
+        self.changed = threading.Event()  # wakes the exit watcher
+        self.state = WorkerState.BOOTING
+        self.reason = ""
+        self.exit_code: int | None = None  # set once DRAINING: the code to exit with
+        self.control_port: int | None = None
+        self.requests_started = 0  # inference requests begun (HTTP requests that touched a model)
+        self.requests_served = 0  # ... and answered
+        self.generations = 0  # inferences running now
+        self.progress_count = 0
+        self.last_token_at: float | None = None  # wall clock, for the sentinel
+        self._generation_started = 0.0
+        self._last_progress = 0.0
+        self._longest_gap = 0.0
+        self._last_progress_write = 0.0
+        self._bare_inferences = 0  # inferences outside a waitress task: each counts as a request
+        self.set_accepting: Callable[[bool], None] = lambda _accepting: None
+
+    # -- reporting
+
+    def snapshot(self) -> Sentinel:
+        with self._lock:
+            return Sentinel(
+                worker_id=self.worker_id, pid=os.getpid(), state=self.state, requests_served=self.requests_served,
+                generating=self.generations > 0, progress=self.progress_count, last_token_at=self.last_token_at,
+                control_port=self.control_port, reason=self.reason,
+            )
+
+    def report(self) -> None:
+        with self._lock:
+            self._write(self.sentinel_path, self.snapshot())
+
+    def _become(self, state: WorkerState) -> None:
+        """The one place the state changes; accepting follows it."""
+        if self.state is state or self.state is WorkerState.DRAINING:
+            return
+        self.state = state
+        self.set_accepting(state is WorkerState.READY)
+
+    # -- boot
+
+    def ready(self) -> None:
+        with self._lock:
+            if self.state is WorkerState.BOOTING:
+                self._become(WorkerState.READY)
+            self.report()
+
+    def load_failed(self, reason: str) -> None:
+        with self._lock:
+            self.reason = reason
+            self.exit_code = EXIT_MODEL_LOAD_FAILED
+            self.report()
+        self.changed.set()
+
+    # -- the InferenceObserver protocol (api.generation)
+
+    def inference_started(self) -> None:
+        with self._lock:
+            task = getattr(_current, "task", None)
+            if task is None:
+                self._bare_inferences += 1
+                self._request_began()
+            elif not task.touched_model:
+                task.touched_model = True
+                self._request_began()
+            now = self._clock()
+            self.generations += 1
+            self._generation_started = self._last_progress = now
+            self._longest_gap = 0.0
+            self.report()
+
+    def progress(self) -> None:
+        with self._lock:
+            now = self._clock()
+            self._longest_gap = max(self._longest_gap, now - self._last_progress)
+            self._last_progress = now
+            self.last_token_at = time.time()
+            if now - self._last_progress_write >= PROGRESS_WRITE_INTERVAL:
+                self._last_progress_write = now
+                self.progress_count += 1
+                self.report()
+
+    def inference_finished(self) -> None:
+        with self._lock:
+            now = self._clock()
+            self.generations = max(0, self.generations - 1)
+            overtime = self._overtime(now)
+            if overtime:
+                self.drain(EXIT_DRAINED, overtime)
+            if self._bare_inferences:
+                self._bare_inferences -= 1
+                self._request_ended()
+            self.report()
+        self.changed.set()
+
+    def _overtime(self, now: float) -> str:
+        """Why the running (or just finished) generation counts as over its limits, or ''."""
+        if now - self._generation_started >= self.request_timeout:
+            return f"a generation ran past REQUEST_TIMEOUT ({self.request_timeout:g} s)"
+        if max(self._longest_gap, now - self._last_progress) >= self.stall_timeout:
+            return f"a generation produced nothing for STALL_TIMEOUT ({self.stall_timeout:g} s)"
+        return ""
+
+    def check_overtime(self) -> None:
+        """Called periodically: a generation over its limit means this process gets replaced.
+        (The request itself is answered with a 504 by api.generation.)"""
+        with self._lock:
+            if self.generations and self.state is not WorkerState.DRAINING:
+                overtime = self._overtime(self._clock())
+                if overtime:
+                    self.drain(EXIT_DRAINED, overtime)
+
+    # -- requests (called by WorkerTask)
+
+    def _request_began(self) -> None:
+        self.requests_started += 1
+        self._become(WorkerState.BUSY)
+        if self.restart_after and self.requests_started >= self.restart_after:
+            self.drain(EXIT_SERVED, f"served RESTART_AFTER_REQUESTS ({self.restart_after}) inference request(s)")
+
+    def _request_ended(self) -> None:
+        self.requests_served += 1
+        if self.requests_served >= self.requests_started and not self.generations:
+            self._become(WorkerState.READY)
+
+    def request_finished(self, task: WorkerTask) -> None:
+        if not task.touched_model:
+            return
+        with self._lock:
+            if task.status[:3] in {"500", "504"}:
+                self.drain(EXIT_DRAINED, f"an inference request ended with {task.status}")
+            self._request_ended()
+            self.report()
+        self.changed.set()
+
+    def closes_connections(self) -> bool:
+        """A draining worker closes every connection after its response, so a keep-alive client
+        sends its next request on a new connection, which a live worker accepts."""
+        return self.state is WorkerState.DRAINING
+
+    # -- leaving
+
+    def drain(self, exit_code: int, reason: str) -> None:
+        with self._lock:
+            if self.exit_code is None:
+                self.exit_code = exit_code
+                self.reason = reason
+                log.info("worker %d is draining: %s", self.worker_id, reason)
+            self._become(WorkerState.DRAINING)
+            self.report()
+        self.changed.set()
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self.generations == 0 and self.requests_served >= self.requests_started
+
+
+class WorkerTask(WSGITask):
+    """A waitress task that tells the lifecycle which HTTP requests touched a model."""
+
+    touched_model = False
+
+    def service(self) -> None:
+        lifecycle: WorkerLifecycle = self.channel.server.lifecycle
+        _current.task = self
+        try:
+            super().service()
+        finally:
+            _current.task = None
+            self.channel.served_requests += 1
+            lifecycle.request_finished(self)
+
+    def build_response_header(self) -> bytes:
+        # A WSGI app may not set Connection (hop-by-hop): ask waitress to close instead.
+        if self.channel.server.lifecycle.closes_connections():
+            self.set_close_on_finish()
+        return super().build_response_header()
+
+
+class WorkerChannel(HTTPChannel):
+    task_class = WorkerTask
+    served_requests = 0
+
+
+def inherit_listening_socket(args: argparse.Namespace) -> socket.socket:
+    """The public socket the supervisor bound: an inherited descriptor (POSIX) or, on Windows,
+    `socket.share()` bytes on the first line of stdin (base64)."""
+    if args.listen_fd is not None:
+        return socket.socket(fileno=args.listen_fd)
+    line = sys.stdin.buffer.readline()
+    return socket.fromshare(base64.b64decode(line.strip()))
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """On Linux, have the kernel kill us when the supervisor dies (even by SIGKILL)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(EXIT_ORPHANED)
+
+
+class SupervisedWorker:
+    """Wires a WorkerLifecycle to waitress, the model loader, stdin commands and the exit."""
+
+    def __init__(self, settings: Settings, lifecycle: WorkerLifecycle, public: socket.socket) -> None:
+        self.settings = settings
+        self.lifecycle = lifecycle
+        self.runtime = Runtime(settings, lifecycle)
+        app = create_app(settings, self.runtime)
+        self.control = socket.create_server(("127.0.0.1", 0))
+        lifecycle.control_port = self.control.getsockname()[1]
+        self.server = waitress.create_server(app, sockets=[public, self.control], **server_options(settings))
+        servers = [d for d in self.server.map.values() if isinstance(d, BaseWSGIServer)]
+        self.public_server = next(s for s in servers if s.socket is public)
+        self.control_server = next(s for s in servers if s.socket is self.control)
+        for sub in servers:
+            sub.channel_class = WorkerChannel
+            sub.lifecycle = lifecycle
+        self.public_server.accepting = False  # not before the model is loaded
+        lifecycle.set_accepting = self._set_accepting
+
+    def _set_accepting(self, accepting: bool) -> None:
+        self.public_server.accepting = accepting
+        self.control_server.pull_trigger()  # wake the loop so select() sees the change now
+
+    def _stop_listening(self) -> None:
+        """Close our copy of the public socket (in the loop thread), so that once every process
+        has closed its copy, new clients are refused instead of waiting for a stopping service.
+        The base close, not the server's: its trigger stays open for the connections in flight."""
+        def close() -> None:
+            if self.public_server.socket is not None:
+                wasyncore.dispatcher.close(self.public_server)
+
+        self.control_server.trigger.pull_trigger(close)
+
+    def run(self) -> int:
+        self.lifecycle.report()
+        for target, name in ((self._load, "model-loader"), (self._read_commands, "commands"),
+                             (self._watch_for_exit, "exit-watcher")):
+            threading.Thread(target=target, name=name, daemon=True).start()
+        self.server.run()
+        return EXIT_STOPPED
+
+    def _load(self) -> None:
+        try:
+            check_model_files(self.settings)
+            self.runtime.load()
+        except Exception as error:
+            log.error("the model could not be loaded: %s", error)
+            self.lifecycle.load_failed(f"the model {self.settings.model_name} could not be loaded: {error}")
+            return
+        log.info("model %s loaded; worker %d ready", self.settings.model_name, self.lifecycle.worker_id)
+        self.lifecycle.ready()
+
+    def _read_commands(self) -> None:
+        for raw in sys.stdin.buffer:
+            command, _, reason = raw.decode("utf-8", "replace").strip().partition(" ")
+            if command == Command.DRAIN.value:
+                self.lifecycle.drain(EXIT_DRAINED, reason or "the supervisor asked")
+            elif command == Command.STOP.value:
+                self.lifecycle.drain(EXIT_STOPPED, "the supervisor is stopping")
+                self._stop_listening()
+            elif command:
+                log.warning("unknown command from the supervisor: %r", command)
+        log.warning("stdin closed: the supervisor is gone; exiting")
+        self._exit(EXIT_ORPHANED)
+
+    def _watch_for_exit(self) -> None:
+        lifecycle = self.lifecycle
+        while True:
+            lifecycle.changed.wait(EXIT_CHECK_INTERVAL)
+            lifecycle.changed.clear()
+            lifecycle.check_overtime()
+            code = lifecycle.exit_code
+            if code == EXIT_MODEL_LOAD_FAILED:
+                self._exit(code)
+            if code is not None and lifecycle.idle() and self._connections_done():
+                log.info("worker %d exits: %s", lifecycle.worker_id, lifecycle.reason)
+                self._exit(code)
+
+    def _connections_done(self) -> bool:
+        """True once no client connection is open on the public socket. Idle keep-alive
+        connections are closed; a client that just connected gets a moment to send its request."""
+        now = time.time()
+        done = True
+        for channel in list(self.public_server.active_channels.values()):
+            done = False
+            busy = channel.requests or channel.request is not None or channel.total_outbufs_len or channel.close_when_flushed
+            fresh = not channel.served_requests and now - channel.creation_time < FRESH_CONNECTION_GRACE
+            if not busy and not fresh and not channel.will_close:
+                channel.will_close = True  # the loop thread closes it
+                self.control_server.pull_trigger()
+        return done
+
+    @staticmethod
+    def _exit(code: int) -> None:
+        logging.shutdown()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def run_supervised(args: argparse.Namespace) -> int:
+    die_with_parent(args.parent_pid)
+    # Signals from a terminal reach the whole process group; the supervisor decides for us.
+    for name in ("SIGINT", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    try:
+        public = inherit_listening_socket(args)
+    except (OSError, ValueError) as error:
+        print(f"worker {args.worker_id}: cannot use the listening socket: {error}", file=sys.stderr)
+        return EXIT_BAD_SOCKET
+    try:
+        settings = load_settings()
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings, supervised=True)
+    lifecycle = WorkerLifecycle(
+        args.worker_id, args.sentinel, restart_after=args.restart_after,
+        request_timeout=settings.request_timeout, stall_timeout=settings.stall_timeout,
+    )
+    return SupervisedWorker(settings, lifecycle, public).run()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m api", description="A GPT4All API worker.")
+    parser.add_argument("--worker-id", type=int, help="set by the supervisor: run as its worker number K")
+    parser.add_argument("--sentinel", type=Path, help="the sentinel file to report to")
+    parser.add_argument("--listen-fd", type=int, help="inherited listening socket (POSIX)")
+    parser.add_argument("--listen-share", action="store_true", help="read the socket.share() bytes from stdin (Windows)")
+    parser.add_argument("--parent-pid", type=int, help="the supervisor's pid")
+    parser.add_argument("--restart-after", type=int, default=0, help="exit after this many inference requests (0: never)")
+    args = parser.parse_args(argv)
+    if args.worker_id is not None and (args.sentinel is None or (args.listen_fd is None and not args.listen_share)):
+        parser.error("--worker-id needs --sentinel and --listen-fd or --listen-share")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.worker_id is not None:
+        return run_supervised(args)
     try:
         settings = load_settings()
         check_model_files(settings)
