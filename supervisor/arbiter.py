@@ -1,0 +1,582 @@
+"""The supervisor's decisions: one `Arbiter` for the pool, one `WorkerHandle` per child process.
+
+Each pass of the loop (`Arbiter.tick`) runs the same named steps in the same order, each a method
+that tests can drive on its own: handle the queued signals, reap the workers that exited, read
+every sentinel, probe health, stop hung workers, recycle bloated ones, retire workers of an old
+configuration, start the missing ones, and tell clients and systemd how things stand.
+
+Nothing here touches a real process, socket or clock: processes come from a `ProcessOps`, time
+from a `clock`, randomness from an `rng`, so tests run the loop deterministically with fakes
+(supervisor/processes.py holds the real ones).
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from api.config import ConfigError, Settings
+from api.protocol import CLEAN_EXITS, EXIT_SERVED, Command, Sentinel, WorkerState, describe_exit
+from supervisor.policy import Backoff, restart_after_with_jitter
+
+log = logging.getLogger("supervisor")
+
+MB = 1024 * 1024
+
+
+# -- what the arbiter needs from the outside world
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    worker_id: int
+    restart_after: int  # inference requests before the worker exits (0: no limit)
+
+
+class ChildProcess(Protocol):
+    """One spawned worker process, as the arbiter sees it."""
+
+    pid: int
+
+    def poll(self) -> int | None:
+        """The exit code once the process has exited (negative: killed by that signal), else None."""
+
+    def send(self, line: str) -> None:
+        """Write a command line to the worker's stdin (ignored if the worker is gone)."""
+
+    def terminate(self) -> None:
+        """Ask the process and its descendants to end (SIGTERM; a stopped process is continued)."""
+
+    def kill(self) -> None:
+        """Kill the process and all its descendants at once."""
+
+    def read_sentinel(self) -> Sentinel | None: ...
+
+    def memory_uss(self) -> int | None:
+        """Bytes of memory only this process uses (USS), or None if it cannot be measured."""
+
+    def probe(self, port: int, timeout: float) -> Future[bool]:
+        """Start a health probe on the worker's control port; the future tells if it answered."""
+
+    def close(self) -> None:
+        """Release what the supervisor holds for the exited process (pipes, sentinel file)."""
+
+
+class ProcessOps(Protocol):
+    def spawn(self, spec: WorkerSpec) -> ChildProcess: ...
+
+    def close_listener(self) -> None:
+        """Close the supervisor's copy of the public socket (on stop)."""
+
+
+class Fallback(Protocol):
+    """Answers clients with a 503 while no worker can (see supervisor/fallback.py)."""
+
+    def enable(self, reason: str, retry_after: int) -> None: ...
+
+    def disable(self) -> None: ...
+
+
+class NullFallback:
+    def enable(self, reason: str, retry_after: int) -> None:
+        pass
+
+    def disable(self) -> None:
+        pass
+
+
+# -- one worker
+
+
+class Phase(enum.Enum):
+    """The supervisor's view of one worker (the worker's own view is its sentinel's state)."""
+
+    STARTING = "starting"  # spawned; loading its model
+    READY = "ready"  # accepting connections
+    BUSY = "busy"  # running an inference; will accept again
+    DRAINING = "draining"  # answering what it has, then exits (asked to, or decided itself)
+    TERMINATING = "terminating"  # hung: sent TERM; KILL follows after KILL_TIMEOUT
+    KILLED = "killed"  # sent KILL to its whole process tree
+    EXITED = "exited"  # reaped
+
+
+# Every allowed change of phase, in one place. A sentinel that disagrees with a later phase (a
+# worker still saying READY after we told it to drain) is ignored, never obeyed backwards.
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.STARTING: frozenset({Phase.READY, Phase.BUSY, Phase.DRAINING, Phase.TERMINATING, Phase.KILLED, Phase.EXITED}),
+    Phase.READY: frozenset({Phase.BUSY, Phase.DRAINING, Phase.TERMINATING, Phase.KILLED, Phase.EXITED}),
+    Phase.BUSY: frozenset({Phase.READY, Phase.DRAINING, Phase.TERMINATING, Phase.KILLED, Phase.EXITED}),
+    Phase.DRAINING: frozenset({Phase.TERMINATING, Phase.KILLED, Phase.EXITED}),
+    Phase.TERMINATING: frozenset({Phase.KILLED, Phase.EXITED}),
+    Phase.KILLED: frozenset({Phase.EXITED}),
+    Phase.EXITED: frozenset(),
+}
+
+SENTINEL_PHASES = {WorkerState.READY: Phase.READY, WorkerState.BUSY: Phase.BUSY, WorkerState.DRAINING: Phase.DRAINING}
+MAY_ACCEPT = frozenset({Phase.STARTING, Phase.READY, Phase.BUSY})  # may be accepting now or soon
+LEAVING = frozenset({Phase.DRAINING, Phase.TERMINATING, Phase.KILLED, Phase.EXITED})
+
+
+@dataclass
+class WorkerHandle:
+    """What the supervisor knows about one child process."""
+
+    worker_id: int
+    child: ChildProcess
+    generation: int  # configuration generation it was started with (SIGHUP starts a new one)
+    spawned_at: float
+    phase: Phase = Phase.STARTING
+    phase_since: float = 0.0
+    sentinel: Sentinel | None = None
+    progress_seen_at: float = 0.0  # our clock, when the sentinel last showed progress
+    busy_since: float | None = None  # our clock, when the running generation was first seen
+    probe: Future[bool] | None = None
+    probe_started_at: float = 0.0
+    next_probe_at: float = 0.0
+    probe_failures: int = 0
+    hang_cause: str = ""  # why we sent TERM/KILL
+    terminated_at: float = 0.0
+    stop_requested: bool = False
+    memory_checked_served: int = 0
+    next_memory_check_at: float = 0.0
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.worker_id} (pid {self.pid})"
+
+    @property
+    def leaving(self) -> bool:
+        return self.phase in LEAVING
+
+    @property
+    def served(self) -> int:
+        return self.sentinel.requests_served if self.sentinel else 0
+
+    @property
+    def generating(self) -> bool:
+        return bool(self.sentinel and self.sentinel.generating)
+
+    def transition(self, phase: Phase, now: float) -> bool:
+        """Move to `phase` if the table allows it; True if the phase changed."""
+        if phase is self.phase or phase not in TRANSITIONS[self.phase]:
+            return False
+        log.debug("%s: %s -> %s", self.name, self.phase.value, phase.value)
+        self.phase = phase
+        self.phase_since = now
+        return True
+
+    def doing(self) -> str:
+        """What the worker was doing, for sentences about it."""
+        if self.phase is Phase.STARTING:
+            return "while loading its model"
+        if self.generating:
+            return "in the middle of a generation"
+        if self.phase is Phase.READY:
+            return "while idle"
+        return f"while {self.phase.value}"
+
+    def last_words(self) -> str:
+        return f"Its last sentinel: {self.sentinel.summary()}." if self.sentinel else "It never wrote its sentinel."
+
+
+# -- the pool
+
+
+@dataclass
+class Timing:
+    """Supervisor-only margins (the configurable limits live in Settings)."""
+
+    tick: float = 0.25  # longest sleep between loop passes when nothing wakes the loop
+    hang_margin: float = 1.0  # a worker's own limits fire first; ours this much later
+    probe_failures_for_hang: int = 3
+    probe_timeout_max: float = 5.0
+    probe_timeout_min: float = 1.0
+    watchdog_interval: float = 1.0  # WATCHDOG=1 pings (half of systemd's WatchdogSec if set)
+
+
+@dataclass
+class Arbiter:
+    settings: Settings
+    ops: ProcessOps
+    clock: Callable[[], float] = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+    notify: Callable[[str], None] = lambda _message: None
+    fallback: Fallback = field(default_factory=NullFallback)
+    reload_settings: Callable[[], Settings] | None = None
+    timing: Timing = field(default_factory=Timing)
+
+    def __post_init__(self) -> None:
+        self.workers: dict[int, WorkerHandle] = {}
+        self.signals: collections.deque[int] = collections.deque()  # appended by signal handlers only
+        self.backoff = Backoff(maximum=self.settings.restart_backoff_max, rng=self.rng)
+        self.next_spawn_at = 0.0
+        self.last_failure = ""
+        self.next_worker_id = 1
+        self.generation = 1
+        self.reloading = False
+        self.stopping_since: float | None = None
+        self.ready_notified = False
+        self.next_watchdog_at = 0.0
+        self.spawned = 0  # total, for tests and the benchmark
+
+    # -- the loop
+
+    def tick(self) -> bool:
+        """One pass of the supervisor loop; False once it has stopped and every worker is gone."""
+        self.handle_signals()
+        self.reap_workers()
+        self.read_sentinels()
+        self.probe_workers()
+        self.murder_workers()
+        self.recycle_bloated_workers()
+        self.retire_stale_workers()
+        self.manage_workers()
+        self.update_fallback()
+        self.notify_service_manager()
+        return not (self.stopping and not self.workers)
+
+    @property
+    def stopping(self) -> bool:
+        return self.stopping_since is not None
+
+    def alive(self) -> list[WorkerHandle]:
+        return [handle for handle in self.workers.values() if handle.phase is not Phase.EXITED]
+
+    def in_phase(self, *phases: Phase) -> list[WorkerHandle]:
+        return [handle for handle in self.workers.values() if handle.phase in phases]
+
+    # -- signals: handlers only queue them; the loop acts here
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            name = signal.Signals(signum).name
+            handler = getattr(self, f"handle_{name[3:].lower()}", None)
+            if handler is None:
+                log.warning("ignoring %s", name)
+            else:
+                handler()
+
+    def handle_term(self) -> None:
+        self.begin_stop("SIGTERM")
+
+    def handle_int(self) -> None:
+        self.begin_stop("SIGINT (Ctrl+C)")
+
+    def handle_break(self) -> None:  # Windows: CTRL_BREAK_EVENT, what a service manager sends
+        self.begin_stop("CTRL_BREAK")
+
+    def handle_hup(self) -> None:
+        self.reload("SIGHUP")
+
+    def begin_stop(self, why: str) -> None:
+        now = self.clock()
+        if self.stopping:
+            log.warning("%s again while stopping: killing every worker now", why)
+            for handle in self.alive():
+                self.kill(handle, "the supervisor was told twice to stop", now)
+            return
+        self.stopping_since = now
+        log.info("%s: stopping. No new connections are accepted; requests in flight have GRACEFUL_TIMEOUT "
+                 "(%g s) to finish, then their workers are killed.", why, self.settings.graceful_timeout)
+        self.notify("STOPPING=1")
+        self.fallback.disable()
+        self.ops.close_listener()
+        for handle in self.alive():
+            if handle.phase not in (Phase.TERMINATING, Phase.KILLED):
+                handle.stop_requested = True
+                handle.child.send(Command.STOP.value)
+                handle.transition(Phase.DRAINING, now)
+
+    def reload(self, why: str) -> None:
+        """Rolling restart: re-read the configuration, then replace the workers one by one."""
+        if self.stopping:
+            return
+        if self.reload_settings is not None:
+            try:
+                new = self.reload_settings()
+            except ConfigError as error:
+                log.error("%s: the configuration was not reloaded, the running one stays: %s", why, error)
+                return
+            if (new.listen_ip, new.listen_port) != (self.settings.listen_ip, self.settings.listen_port):
+                log.warning("LISTEN_IP/LISTEN_PORT changed; the listening socket stays %s:%d until the service restarts",
+                            self.settings.listen_ip, self.settings.listen_port)
+            self.settings = new
+            self.backoff.maximum = new.restart_backoff_max
+        self.generation += 1
+        self.reloading = True
+        self.backoff.reset()
+        self.next_spawn_at = 0.0
+        self.notify("RELOADING=1")
+        log.info("%s: configuration reloaded; replacing the workers one by one (generation %d)", why, self.generation)
+
+    # -- reap
+
+    def reap_workers(self) -> None:
+        now = self.clock()
+        for handle in list(self.workers.values()):
+            code = handle.child.poll()
+            if code is None:
+                continue
+            handle.sentinel = handle.child.read_sentinel() or handle.sentinel  # its last words
+            self.account_exit(handle, code, now)
+            handle.transition(Phase.EXITED, now)
+            handle.child.close()
+            del self.workers[handle.worker_id]
+
+    def account_exit(self, handle: WorkerHandle, code: int, now: float) -> None:
+        """Log how a worker ended and decide whether it counts as a failure."""
+        how = describe_exit(code)
+        if handle.hang_cause:
+            self.record_failure(handle, f"{handle.name} was stopped because {handle.hang_cause}; it is gone ({how})", now)
+        elif handle.stop_requested or self.stopping:
+            log.info("%s stopped (%s) after serving %d request(s)", handle.name, how, handle.served)
+        elif code in CLEAN_EXITS:
+            reason = handle.sentinel.reason if handle.sentinel and handle.sentinel.reason else how
+            log.info("%s exited after serving %d request(s): %s", handle.name, handle.served, reason)
+            if code == EXIT_SERVED or handle.served:
+                self.backoff.reset()
+        else:
+            detail = f": {handle.sentinel.reason}" if handle.sentinel and handle.sentinel.reason else ""
+            self.record_failure(handle, f"{handle.name} {how} {handle.doing()}{detail}", now)
+
+    def record_failure(self, handle: WorkerHandle, story: str, now: float) -> None:
+        if self.stopping:
+            log.warning("%s. %s", story, handle.last_words())
+            return
+        delay = self.backoff.record_failure()
+        self.next_spawn_at = now + delay
+        self.last_failure = story
+        if delay:
+            plan = f"That makes {self.backoff.failures} failures in a row: the next worker starts in {delay:.1f} s (backoff)."
+        else:
+            plan = "A replacement starts now."
+        log.error("%s. %s %s", story, handle.last_words(), plan)
+
+    # -- watch
+
+    def read_sentinels(self) -> None:
+        now = self.clock()
+        for handle in self.alive():
+            sentinel = handle.child.read_sentinel()
+            if sentinel is not None and sentinel != handle.sentinel:
+                self.observe(handle, sentinel, now)
+
+    def observe(self, handle: WorkerHandle, sentinel: Sentinel, now: float) -> None:
+        """Take in a changed sentinel: progress heartbeat, generation timing, phase."""
+        previous = handle.sentinel
+        handle.sentinel = sentinel
+        if previous is None or (sentinel.progress, sentinel.generating, sentinel.state) != (
+                previous.progress, previous.generating, previous.state):
+            handle.progress_seen_at = now
+        if not sentinel.generating:
+            handle.busy_since = None
+        elif handle.busy_since is None or (previous is not None and not previous.generating):
+            handle.busy_since = now
+        if previous is not None and sentinel.requests_served > previous.requests_served:
+            self.backoff.reset()  # the model works: failures so far were not a pattern
+        phase = SENTINEL_PHASES.get(sentinel.state)
+        if phase is None or not handle.transition(phase, now):
+            return
+        if phase is Phase.READY and not self.ready_notified:
+            log.info("%s is ready after %.2f s: serving on http://%s:%d", handle.name, now - handle.spawned_at,
+                     self.settings.listen_ip, self.settings.listen_port)
+        elif phase is Phase.READY and previous is not None and previous.state is WorkerState.BOOTING:
+            log.debug("%s is ready after %.2f s", handle.name, now - handle.spawned_at)
+        elif phase is Phase.DRAINING and sentinel.reason:
+            log.debug("%s is draining: %s", handle.name, sentinel.reason)
+
+    def probe_workers(self) -> None:
+        """Health probes on each worker's control port; a run of failures counts as a hang."""
+        now = self.clock()
+        interval = self.settings.health_interval
+        timeout = min(self.timing.probe_timeout_max, max(self.timing.probe_timeout_min, interval))
+        for handle in self.in_phase(Phase.READY, Phase.BUSY, Phase.DRAINING):
+            if handle.probe is not None:
+                if handle.probe.done():
+                    answered = not handle.probe.cancelled() and handle.probe.exception() is None and handle.probe.result()
+                    handle.probe = None
+                    handle.probe_failures = 0 if answered else handle.probe_failures + 1
+                elif now - handle.probe_started_at > timeout + self.timing.tick:
+                    handle.probe = None
+                    handle.probe_failures += 1
+                if handle.probe_failures:
+                    log.debug("%s: %d health probe(s) failed in a row", handle.name, handle.probe_failures)
+            elif now >= handle.next_probe_at and handle.sentinel and handle.sentinel.control_port:
+                handle.probe = handle.child.probe(handle.sentinel.control_port, timeout)
+                handle.probe_started_at = now
+                handle.next_probe_at = now + interval
+
+    # -- act
+
+    def hang_cause(self, handle: WorkerHandle, now: float) -> str:
+        """Why `handle` counts as hung, in words, or '' if it does not."""
+        settings, margin = self.settings, self.timing.hang_margin
+        if handle.phase is Phase.STARTING and now - handle.spawned_at > settings.boot_timeout:
+            return (f"it was still loading its model after {now - handle.spawned_at:.1f} s "
+                    f"(BOOT_TIMEOUT is {settings.boot_timeout:g} s)")
+        if handle.generating and now - handle.progress_seen_at > settings.stall_timeout + margin:
+            return (f"its generation made no progress for {now - handle.progress_seen_at:.1f} s "
+                    f"(STALL_TIMEOUT is {settings.stall_timeout:g} s) and the worker did not stop it itself")
+        if handle.generating and handle.busy_since is not None and now - handle.busy_since > settings.request_timeout + margin:
+            return (f"its generation ran for {now - handle.busy_since:.1f} s "
+                    f"(REQUEST_TIMEOUT is {settings.request_timeout:g} s) and the worker did not stop it itself")
+        if handle.probe_failures >= self.timing.probe_failures_for_hang:
+            return f"it did not answer {handle.probe_failures} health probes in a row"
+        if (handle.phase is Phase.DRAINING and not handle.generating and not self.stopping
+                and now - handle.phase_since > settings.graceful_timeout + margin):
+            return (f"it was still finishing its last response after {now - handle.phase_since:.1f} s "
+                    f"(GRACEFUL_TIMEOUT is {settings.graceful_timeout:g} s)")
+        return ""
+
+    def murder_workers(self) -> None:
+        """TERM the hung, KILL those that ignored TERM, and kill everyone when a graceful stop is over."""
+        now = self.clock()
+        for handle in self.alive():
+            if handle.phase is Phase.KILLED:
+                continue
+            if handle.phase is Phase.TERMINATING:
+                if now - handle.terminated_at >= self.settings.kill_timeout:
+                    self.kill(handle, f"it was still there {self.settings.kill_timeout:g} s after TERM", now)
+                continue
+            if self.stopping and now - (self.stopping_since or now) >= self.settings.graceful_timeout:
+                self.kill(handle, f"GRACEFUL_TIMEOUT ({self.settings.graceful_timeout:g} s) is over", now)
+                continue
+            cause = self.hang_cause(handle, now)
+            if cause:
+                self.terminate(handle, cause, now)
+
+    def terminate(self, handle: WorkerHandle, cause: str, now: float) -> None:
+        log.warning("%s seems hung: %s. %s Stopping it: TERM now, and KILL of its process tree in %g s "
+                    "if it is still there.", handle.name, cause, handle.last_words(), self.settings.kill_timeout)
+        handle.hang_cause = cause
+        handle.terminated_at = now
+        handle.transition(Phase.TERMINATING, now)
+        handle.child.terminate()
+
+    def kill(self, handle: WorkerHandle, why: str, now: float) -> None:
+        log.warning("Killing %s and its process tree: %s.", handle.name, why)
+        if not handle.hang_cause and not self.stopping:
+            handle.hang_cause = why
+        handle.transition(Phase.KILLED, now)
+        handle.child.kill()
+
+    def drain(self, handle: WorkerHandle, reason: str, now: float) -> None:
+        handle.child.send(f"{Command.DRAIN.value} {reason}")
+        handle.transition(Phase.DRAINING, now)
+
+    def recycle_bloated_workers(self) -> None:
+        """A worker whose own memory (USS) grew past the limit is replaced after its request.
+        Checked while it works and after each request it served, never before its first one."""
+        limit_mb = self.settings.max_worker_memory_mb
+        if not limit_mb or self.stopping:
+            return
+        now = self.clock()
+        for handle in self.in_phase(Phase.READY, Phase.BUSY):
+            served_more = handle.served > handle.memory_checked_served
+            if not served_more and not (handle.phase is Phase.BUSY and now >= handle.next_memory_check_at):
+                continue
+            handle.memory_checked_served = handle.served
+            handle.next_memory_check_at = now + self.settings.health_interval
+            uss = handle.child.memory_uss()
+            if uss is not None and uss > limit_mb * MB:
+                log.warning("%s uses %.1f MB of its own memory (USS), above MAX_WORKER_MEMORY_MB (%d): it will be "
+                            "replaced after its current request.", handle.name, uss / MB, limit_mb)
+                self.drain(handle, f"its memory (USS {uss / MB:.1f} MB) is above MAX_WORKER_MEMORY_MB ({limit_mb})", now)
+
+    def retire_stale_workers(self) -> None:
+        """After a reload, drain one old worker for each new one that is up, so capacity never drops."""
+        if self.stopping:
+            return
+        old = [h for h in self.alive() if h.generation < self.generation]
+        staying = [h for h in old if not h.leaving]
+        if not staying:
+            if self.reloading and not old and any(h.phase is Phase.READY for h in self.alive()):
+                self.reloading = False
+                log.info("reload complete: every worker runs the new configuration")
+                self.notify("READY=1")
+            return
+        new_up = sum(1 for h in self.alive() if h.generation == self.generation and h.phase in (Phase.READY, Phase.BUSY))
+        if new_up + len(staying) - 1 >= self.settings.workers + self.settings.warm_spares:
+            victim = min(staying, key=lambda h: (h.phase is not Phase.READY, h.worker_id))
+            log.info("%s runs the old configuration: draining it (reload)", victim.name)
+            self.drain(victim, "the configuration was reloaded", self.clock())
+
+    def target_size(self) -> int:
+        """Workers that are not leaving: WORKERS + WARM_SPARES, and one more during a rolling restart."""
+        surge = any(h.generation < self.generation and not h.leaving for h in self.alive())
+        return self.settings.workers + self.settings.warm_spares + (1 if surge else 0)
+
+    def manage_workers(self) -> None:
+        """Start the workers that are missing, at once, except while failures call for a backoff."""
+        if self.stopping:
+            return
+        now = self.clock()
+        staying = [h for h in self.alive() if not h.leaving]
+        missing = self.target_size() - len(staying)
+        if missing <= 0:
+            return
+        if self.backoff.failures:
+            if now < self.next_spawn_at or any(h.phase is Phase.STARTING for h in staying):
+                return
+            missing = 1  # while failing, one trial at a time
+        for _ in range(missing):
+            self.spawn_worker(now)
+
+    def spawn_worker(self, now: float) -> WorkerHandle | None:
+        self.fallback.disable()  # from now on a worker may accept: the fallback must not
+        spec = WorkerSpec(self.next_worker_id, restart_after_with_jitter(
+            self.settings.restart_after_requests, self.settings.restart_jitter, self.rng))
+        self.next_worker_id += 1
+        try:
+            child = self.ops.spawn(spec)
+        except OSError as error:
+            delay = self.backoff.record_failure()
+            self.next_spawn_at = now + max(delay, self.timing.tick)
+            self.last_failure = f"a worker process could not be started: {error}"
+            log.error("%s; retrying in %.1f s", self.last_failure, self.next_spawn_at - now)
+            return None
+        handle = WorkerHandle(spec.worker_id, child, self.generation, spawned_at=now, phase_since=now,
+                              progress_seen_at=now)
+        self.workers[spec.worker_id] = handle
+        self.spawned += 1
+        log.debug("%s started (restart after %s request(s))", handle.name, spec.restart_after or "no limit of")
+        return handle
+
+    # -- tell the world
+
+    def unavailable_reason(self, retry_after: int) -> str:
+        return (f"No worker can serve requests right now: {self.last_failure}. "
+                f"{self.backoff.failures} attempt(s) failed in a row; the next one starts in about {retry_after} s.")
+
+    def update_fallback(self) -> None:
+        """Answer clients with a 503 that says why, but only while no worker process exists that
+        could accept: the fallback and a worker never accept on the socket at the same time."""
+        if self.stopping or not self.backoff.failures or self.in_phase(*MAY_ACCEPT):
+            self.fallback.disable()
+            return
+        retry_after = max(1, math.ceil(self.next_spawn_at - self.clock()))
+        self.fallback.enable(self.unavailable_reason(retry_after), retry_after)
+
+    def notify_service_manager(self) -> None:
+        now = self.clock()
+        if not self.ready_notified and self.in_phase(Phase.READY):
+            self.ready_notified = True
+            self.notify("READY=1\nSTATUS=serving")
+        if now >= self.next_watchdog_at:
+            self.next_watchdog_at = now + self.timing.watchdog_interval
+            ready, busy = len(self.in_phase(Phase.READY)), len(self.in_phase(Phase.BUSY, Phase.DRAINING))
+            self.notify(f"WATCHDOG=1\nSTATUS={ready} worker(s) ready, {busy} busy")

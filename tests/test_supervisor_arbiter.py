@@ -1,0 +1,528 @@
+"""The supervisor's decisions, driven deterministically: a fake clock, fake child processes whose
+sentinels, exit codes, memory and health the test sets, and no real process or socket."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+from concurrent.futures import Future
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from api.config import Settings, load_settings
+from api.protocol import (
+    EXIT_DRAINED,
+    EXIT_MODEL_LOAD_FAILED,
+    EXIT_SERVED,
+    EXIT_STOPPED,
+    Sentinel,
+    WorkerState,
+)
+from supervisor.arbiter import Arbiter, Phase, Timing, WorkerSpec
+from supervisor.policy import Backoff, restart_after_with_jitter
+
+MB = 1024 * 1024
+
+
+def make_settings(**overrides: object) -> Settings:
+    environ = {"WORKERS": "1", "WARM_SPARES": "1", "RESTART_AFTER_REQUESTS": "1", "STALL_TIMEOUT": "10",
+               "REQUEST_TIMEOUT": "60", "BOOT_TIMEOUT": "20", "HEALTH_INTERVAL": "5", "GRACEFUL_TIMEOUT": "30",
+               "KILL_TIMEOUT": "5", "RESTART_BACKOFF_MAX": "30"}
+    environ.update({key: str(value) for key, value in overrides.items()})
+    return load_settings(environ, env_file=Path(os.devnull))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeChild:
+    next_pid = 100
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        FakeChild.next_pid += 1
+        self.pid = FakeChild.next_pid
+        self.spec = spec
+        self.returncode: int | None = None
+        self.sentinel: Sentinel | None = None
+        self.sent: list[str] = []
+        self.signals: list[str] = []
+        self.uss: int | None = 50 * MB
+        self.healthy = True
+        self.probes = 0
+        self.closed = False
+
+    # ChildProcess
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send(self, line: str) -> None:
+        self.sent.append(line)
+
+    def terminate(self) -> None:
+        self.signals.append("TERM")
+
+    def kill(self) -> None:
+        self.signals.append("KILL")
+
+    def read_sentinel(self) -> Sentinel | None:
+        return self.sentinel
+
+    def memory_uss(self) -> int | None:
+        return self.uss
+
+    def probe(self, port: int, timeout: float) -> Future[bool]:
+        self.probes += 1
+        future: Future[bool] = Future()
+        future.set_result(self.healthy)
+        return future
+
+    def close(self) -> None:
+        self.closed = True
+
+    # what the test does to it
+    def report(self, state: WorkerState, **fields: object) -> None:
+        base = self.sentinel or Sentinel(worker_id=self.spec.worker_id, pid=self.pid, state=state, control_port=4000)
+        self.sentinel = replace(base, state=state, **fields)  # type: ignore[arg-type]
+
+    def become_ready(self) -> None:
+        self.report(WorkerState.READY)
+
+    def start_generation(self, drains: bool = True) -> None:
+        self.report(WorkerState.DRAINING if drains else WorkerState.BUSY, generating=True,
+                    progress=(self.sentinel.progress if self.sentinel else 0) + 1)
+
+    def tick_progress(self) -> None:
+        assert self.sentinel is not None
+        self.report(self.sentinel.state, progress=self.sentinel.progress + 1)
+
+    def finish(self, code: int = EXIT_SERVED) -> None:
+        assert self.sentinel is not None
+        self.report(self.sentinel.state, generating=False, requests_served=self.sentinel.requests_served + 1)
+        self.returncode = code
+
+
+class FakeOps:
+    def __init__(self) -> None:
+        self.children: list[FakeChild] = []
+        self.listener_closed = False
+        self.fail_spawn = False
+
+    def spawn(self, spec: WorkerSpec) -> FakeChild:
+        if self.fail_spawn:
+            raise OSError("Resource temporarily unavailable")
+        child = FakeChild(spec)
+        self.children.append(child)
+        return child
+
+    def close_listener(self) -> None:
+        self.listener_closed = True
+
+    def alive(self) -> list[FakeChild]:
+        return [child for child in self.children if child.returncode is None]
+
+
+class FakeFallback:
+    def __init__(self) -> None:
+        self.enabled: tuple[str, int] | None = None
+        self.history: list[bool] = []
+
+    def enable(self, reason: str, retry_after: int) -> None:
+        self.enabled = (reason, retry_after)
+        self.history.append(True)
+
+    def disable(self) -> None:
+        self.enabled = None
+        self.history.append(False)
+
+
+class Harness:
+    def __init__(self, **overrides: object) -> None:
+        self.clock = FakeClock()
+        self.ops = FakeOps()
+        self.fallback = FakeFallback()
+        self.notes: list[str] = []
+        self.reloaded: Settings | None = None
+        self.arbiter = Arbiter(make_settings(**overrides), self.ops, clock=self.clock, rng=random.Random(7),
+                               notify=self.notes.append, fallback=self.fallback, reload_settings=self.reload,
+                               timing=Timing(tick=0.25))
+
+    def reload(self) -> Settings:
+        assert self.reloaded is not None
+        return self.reloaded
+
+    def tick(self, seconds: float = 0.0) -> bool:
+        self.clock.advance(seconds)
+        return self.arbiter.tick()
+
+    def run(self, seconds: float, step: float = 0.25) -> None:
+        for _ in range(round(seconds / step)):
+            self.tick(step)
+
+    def ready_pool(self) -> list[FakeChild]:
+        self.tick()
+        for child in self.ops.alive():
+            child.become_ready()
+        self.tick()
+        return self.ops.alive()
+
+    def phases(self) -> list[Phase]:
+        return [handle.phase for handle in self.arbiter.workers.values()]
+
+
+# -- policy
+
+
+def test_backoff_first_failure_is_immediate_then_doubles_with_equal_jitter_up_to_the_maximum() -> None:
+    backoff = Backoff(base=0.5, maximum=8.0, rng=random.Random(1))
+    delays = [backoff.record_failure() for _ in range(8)]
+    assert delays[0] == 0
+    nominal = [0, 0.5, 1, 2, 4, 8, 8, 8]
+    for delay, expected in zip(delays, nominal, strict=True):
+        assert expected / 2 <= delay <= expected
+    assert len(set(delays[1:])) > 3, "jitter varies the delays"
+    backoff.reset()
+    assert backoff.failures == 0 and backoff.record_failure() == 0
+
+
+def test_restart_after_jitter_stays_in_range_and_zero_means_never() -> None:
+    rng = random.Random(3)
+    values = {restart_after_with_jitter(5, 3, rng) for _ in range(200)}
+    assert values == {5, 6, 7, 8}
+    assert restart_after_with_jitter(0, 3, rng) == 0
+    assert restart_after_with_jitter(1, 0, rng) == 1
+
+
+# -- pool size and restarts
+
+
+def test_starts_workers_plus_spares_and_reports_ready_once() -> None:
+    h = Harness(WORKERS=2, WARM_SPARES=1)
+    h.tick()
+    assert len(h.ops.children) == 3
+    assert h.phases() == [Phase.STARTING] * 3
+    assert not any(note.startswith("READY=1") for note in h.notes)
+    h.ops.children[0].become_ready()
+    h.tick()
+    assert sum(note.startswith("READY=1") for note in h.notes) == 1
+    assert [child.spec.restart_after for child in h.ops.children] == [1, 1, 1]
+
+
+def test_a_worker_that_starts_its_last_request_is_replaced_at_once_before_it_exits() -> None:
+    h = Harness()
+    first, _spare = h.ready_pool()
+    first.start_generation(drains=True)
+    h.tick()
+    assert len(h.ops.children) == 3, "the replacement loads while the generation runs"
+    assert h.arbiter.workers[first.spec.worker_id].phase is Phase.DRAINING
+    first.finish(EXIT_SERVED)
+    h.tick()
+    assert first.closed and first.spec.worker_id not in h.arbiter.workers
+    assert h.arbiter.backoff.failures == 0
+    assert len(h.ops.children) == 3, "a served exit needs no further spawn: its replacement exists"
+
+
+def test_busy_worker_that_will_come_back_is_not_replaced() -> None:
+    h = Harness(RESTART_AFTER_REQUESTS=0)
+    first, _spare = h.ready_pool()
+    assert first.spec.restart_after == 0
+    first.start_generation(drains=False)
+    h.tick()
+    assert h.arbiter.workers[first.spec.worker_id].phase is Phase.BUSY
+    assert len(h.ops.children) == 2
+    first.report(WorkerState.READY, generating=False, requests_served=1)
+    h.tick()
+    assert h.arbiter.workers[first.spec.worker_id].phase is Phase.READY
+
+
+def test_a_sentinel_never_moves_a_worker_backwards() -> None:
+    h = Harness()
+    first, _ = h.ready_pool()
+    handle = h.arbiter.workers[first.spec.worker_id]
+    h.arbiter.drain(handle, "test", h.clock())
+    first.report(WorkerState.READY, progress=5)
+    h.tick()
+    assert handle.phase is Phase.DRAINING
+
+
+def test_a_crash_mid_request_is_replaced_at_once_and_logged_with_its_last_sentinel(caplog: pytest.LogCaptureFixture) -> None:
+    h = Harness(RESTART_AFTER_REQUESTS=0)
+    first, _ = h.ready_pool()
+    first.start_generation(drains=False)
+    h.tick()
+    first.returncode = -signal.SIGKILL
+    h.tick()
+    assert len(h.ops.alive()) == 2 and len(h.ops.children) == 3
+    assert h.arbiter.backoff.failures == 1
+    text = caplog.text
+    assert f"worker 1 (pid {first.pid}) killed by SIGKILL in the middle of a generation" in text
+    assert "Its last sentinel: state BUSY" in text and "A replacement starts now" in text
+
+
+# -- a worker that keeps dying at start
+
+
+def fail_booting(h: Harness) -> int:
+    for child in h.ops.alive():
+        if child.sentinel is None or child.sentinel.state is WorkerState.BOOTING:
+            child.report(WorkerState.BOOTING, reason="the model x.gguf could not be loaded: Unsupported file format")
+            child.returncode = EXIT_MODEL_LOAD_FAILED
+    return len(h.ops.children)
+
+
+def test_crash_loop_at_start_backs_off_exponentially_one_trial_at_a_time_with_a_503() -> None:
+    h = Harness(RESTART_BACKOFF_MAX=8)
+    spawn_times: list[float] = []
+    h.tick()
+    spawn_times += [h.clock()] * len(h.ops.children)
+    most_alive = 0
+    for _ in range(400):  # 100 s of a broken model, every spawn dying at once
+        before = len(h.ops.children)
+        fail_booting(h)
+        h.tick(0.25)
+        spawn_times += [h.clock()] * (len(h.ops.children) - before)
+        most_alive = max(most_alive, len(h.ops.alive()))
+    gaps = [b - a for a, b in itertools.pairwise(spawn_times)]
+    assert most_alive == 1, "one trial at a time"
+    assert len(spawn_times) < 25, f"a restart storm: {len(spawn_times)} spawns in 100 s"
+    assert max(gaps) <= 8 + 0.5 and max(gaps) >= 4, "the delay grows up to RESTART_BACKOFF_MAX"
+    assert gaps[2] < gaps[5], "the delay grows"
+    # while waiting, clients get a 503 that says why
+    fail_booting(h)
+    h.tick()
+    assert h.fallback.enabled is not None
+    reason, retry_after = h.fallback.enabled
+    assert "could not be loaded: Unsupported file format" in reason and "exited with code 11" in reason
+    assert 1 <= retry_after <= 9
+
+
+def test_fallback_is_disabled_before_any_spawn_and_while_any_worker_may_accept() -> None:
+    h = Harness(RESTART_BACKOFF_MAX=4)
+    h.tick()
+    fail_booting(h)
+    h.tick()  # both failed: backoff, no worker process left
+    assert h.fallback.enabled is not None
+    spawned = len(h.ops.children)
+    while len(h.ops.children) == spawned:
+        h.tick(0.25)
+    assert h.fallback.history[-1] is False and h.fallback.enabled is None, "disabled before the new worker could accept"
+    # the new trial loads: still no fallback (clients wait in the backlog), then it is ready: recovered
+    h.ops.alive()[0].become_ready()
+    h.tick()
+    assert h.fallback.enabled is None
+
+
+def test_recovery_resets_the_backoff_after_a_served_request() -> None:
+    h = Harness(RESTART_BACKOFF_MAX=4, RESTART_AFTER_REQUESTS=0)
+    h.tick()
+    for _ in range(3):
+        fail_booting(h)
+        h.run(5)
+    assert h.arbiter.backoff.failures >= 3
+    child = h.ops.alive()[0]
+    child.become_ready()
+    h.tick()
+    assert h.arbiter.backoff.failures >= 3, "ready is not enough"
+    child.report(WorkerState.READY, requests_served=1)
+    h.tick()
+    assert h.arbiter.backoff.failures == 0
+    assert len(h.ops.alive()) == 2, "back to full size at once"
+
+
+def test_spawn_errors_count_as_failures_and_are_retried() -> None:
+    h = Harness()
+    h.ops.fail_spawn = True
+    h.tick()
+    assert h.arbiter.backoff.failures >= 1 and "could not be started" in h.arbiter.last_failure
+    h.ops.fail_spawn = False
+    h.run(3)
+    assert len(h.ops.alive()) == 1, "while failing, one trial at a time"
+    h.ops.alive()[0].become_ready()
+    h.run(1)
+    assert len(h.ops.alive()) == 2
+
+
+# -- hangs
+
+
+def test_stall_is_detected_after_stall_timeout_then_term_then_kill_then_replaced() -> None:
+    h = Harness(STALL_TIMEOUT=2, KILL_TIMEOUT=3, RESTART_AFTER_REQUESTS=0)
+    first, _ = h.ready_pool()
+    first.start_generation(drains=False)
+    h.tick()
+    for _ in range(8):  # tokens keep coming for 2 s: fine
+        first.tick_progress()
+        h.tick(0.25)
+    assert first.signals == []
+    h.run(2.75)  # no token for STALL_TIMEOUT: the worker's own limit fires first; we wait a margin
+    assert first.signals == []
+    h.run(0.5)
+    assert first.signals == ["TERM"]
+    handle = h.arbiter.workers[first.spec.worker_id]
+    assert handle.phase is Phase.TERMINATING and "no progress" in handle.hang_cause
+    h.run(2.75)
+    assert first.signals == ["TERM"]
+    h.run(0.5)
+    assert first.signals == ["TERM", "KILL"]
+    assert len(h.ops.alive()) == 3, "replaced as soon as it was declared hung"
+    first.returncode = -signal.SIGKILL
+    h.tick()
+    assert first.spec.worker_id not in h.arbiter.workers
+    assert h.arbiter.backoff.failures == 1
+
+
+def test_generation_past_request_timeout_counts_as_hang_even_with_progress() -> None:
+    h = Harness(REQUEST_TIMEOUT=5, STALL_TIMEOUT=2, RESTART_AFTER_REQUESTS=0)
+    first, _ = h.ready_pool()
+    first.start_generation(drains=False)
+    h.tick()
+    for _ in range(23):
+        first.tick_progress()
+        h.tick(0.25)
+    assert first.signals == []
+    for _ in range(3):
+        first.tick_progress()
+        h.tick(0.25)
+    assert first.signals == ["TERM"]
+    assert "REQUEST_TIMEOUT" in h.arbiter.workers[first.spec.worker_id].hang_cause
+
+
+def test_boot_timeout() -> None:
+    h = Harness(BOOT_TIMEOUT=10)
+    h.tick()
+    first = h.ops.children[0]
+    first.report(WorkerState.BOOTING)
+    h.ops.children[1].become_ready()
+    h.run(9.75)
+    assert first.signals == []
+    h.run(0.5)
+    assert first.signals == ["TERM"]
+    assert "BOOT_TIMEOUT" in h.arbiter.workers[first.spec.worker_id].hang_cause
+
+
+def test_repeated_health_probe_failures_mean_a_hang_but_one_does_not() -> None:
+    h = Harness(HEALTH_INTERVAL=1)
+    first, second = h.ready_pool()
+    first.healthy = False
+    h.run(1.0)
+    first.healthy = True
+    h.run(5)
+    assert first.signals == []
+    second.healthy = False
+    h.run(3.5)
+    assert second.signals == ["TERM"]
+    assert "3 health probes" in h.arbiter.workers[second.spec.worker_id].hang_cause
+
+
+# -- memory
+
+
+def test_memory_recycle_after_a_request_never_before_the_first() -> None:
+    h = Harness(MAX_WORKER_MEMORY_MB=100, RESTART_AFTER_REQUESTS=0)
+    first, _ = h.ready_pool()
+    first.uss = 150 * MB
+    h.run(10)
+    assert first.sent == [], "an idle worker that never served is left alone (no recycle loop)"
+    first.report(WorkerState.READY, requests_served=1)
+    h.tick()
+    assert len(first.sent) == 1 and first.sent[0].startswith("drain ") and "MAX_WORKER_MEMORY_MB" in first.sent[0]
+    assert h.arbiter.workers[first.spec.worker_id].phase is Phase.DRAINING
+    assert len(h.ops.alive()) == 3, "its replacement starts at once"
+    first.returncode = EXIT_DRAINED
+    h.tick()
+    assert h.arbiter.backoff.failures == 0
+
+
+def test_memory_under_the_limit_keeps_the_worker() -> None:
+    h = Harness(MAX_WORKER_MEMORY_MB=100, RESTART_AFTER_REQUESTS=0)
+    first, _ = h.ready_pool()
+    first.report(WorkerState.READY, requests_served=1)
+    h.run(2)
+    assert first.sent == []
+
+
+# -- signals
+
+
+def test_sigterm_stops_gracefully_then_kills_after_the_graceful_timeout() -> None:
+    h = Harness(GRACEFUL_TIMEOUT=10, RESTART_AFTER_REQUESTS=0)
+    first, second = h.ready_pool()
+    first.start_generation(drains=False)
+    h.tick()
+    h.arbiter.signals.append(signal.SIGTERM)
+    assert h.tick()
+    assert h.ops.listener_closed and "STOPPING=1" in h.notes
+    assert first.sent == ["stop"] and second.sent == ["stop"]
+    second.returncode = EXIT_STOPPED
+    h.run(9.5)
+    assert first.signals == [] and len(h.ops.children) == 2, "nothing new starts while stopping"
+    h.run(0.75)
+    assert first.signals == ["KILL"]
+    first.returncode = -signal.SIGKILL
+    assert not h.tick(), "stopped once every worker is gone"
+
+
+def test_second_sigint_kills_at_once() -> None:
+    h = Harness()
+    first, second = h.ready_pool()
+    h.arbiter.signals.append(signal.SIGINT)
+    h.tick()
+    h.arbiter.signals.append(signal.SIGINT)
+    h.tick()
+    assert first.signals == ["KILL"] and second.signals == ["KILL"]
+
+
+def test_sighup_replaces_workers_one_by_one_never_below_capacity() -> None:
+    h = Harness(RESTART_AFTER_REQUESTS=0, WORKERS=1, WARM_SPARES=1)
+    old = h.ready_pool()
+    h.reloaded = make_settings(RESTART_AFTER_REQUESTS=0, WORKERS=1, WARM_SPARES=1, STALL_TIMEOUT=9)
+    h.arbiter.signals.append(signal.SIGHUP)
+    h.tick()
+    assert "RELOADING=1" in h.notes and h.arbiter.settings.stall_timeout == 9
+    for _ in range(20):
+        for child in h.ops.alive():
+            if child.sentinel is None:
+                child.become_ready()
+            elif child.sent and child.returncode is None:
+                child.returncode = EXIT_DRAINED
+        h.tick(0.25)
+        ready = [hd for hd in h.arbiter.workers.values() if hd.phase is Phase.READY]
+        assert len(ready) >= 2 or len(h.ops.alive()) >= 2
+    assert all(child.returncode is not None for child in old)
+    assert all(child.sent == ["drain the configuration was reloaded"] for child in old)
+    assert len(h.ops.alive()) == 2 and all(hd.generation == 2 for hd in h.arbiter.workers.values())
+    assert h.notes.count("READY=1") == 1, "READY=1 again once the reload is complete"
+
+
+def test_bad_configuration_on_reload_keeps_the_running_one(caplog: pytest.LogCaptureFixture) -> None:
+    from api.config import ConfigError
+
+    h = Harness()
+    h.ready_pool()
+
+    def broken() -> Settings:
+        raise ConfigError("WORKERS", "many", "a whole number")
+
+    h.arbiter.reload_settings = broken
+    h.arbiter.signals.append(signal.SIGHUP)
+    h.tick()
+    assert h.arbiter.generation == 1 and "was not reloaded" in caplog.text
+
+
+def test_watchdog_pings_while_the_loop_runs() -> None:
+    h = Harness()
+    h.ready_pool()
+    h.notes.clear()
+    h.run(3)
+    assert 2 <= sum(note.startswith("WATCHDOG=1") for note in h.notes) <= 4
