@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import overhead
+from bench import growth, overhead
 from tests.servers import PYTHON, REPO, ServerProcess, base_env, free_port
 
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,6 +22,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run")
     parser.add_argument("--server", choices=["supervisor", "worker"], default="supervisor",
                         help="measure the whole daemon (watchdog_main.py) or one bare worker (python -m api)")
+    parser.add_argument("--only", choices=["overhead", "growth"], action="append",
+                        help="run only these scenarios (repeatable); default: all")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "latest.json")
     return parser.parse_args(argv)
 
@@ -34,8 +36,8 @@ def start_daemon(args: argparse.Namespace, tmp: Path) -> ServerProcess:
     return ServerProcess(command, env, port, tmp / "daemon.log").start()
 
 
-def print_table(results: dict[str, dict[str, float]]) -> None:
-    print(f"{'figure':<28}{'daemon':>12}{'in-process':>12}{'added':>10}{'ratio':>8}")
+def print_table(scenario: str, results: dict[str, dict[str, float]]) -> None:
+    print(f"\n{scenario}\n{'figure':<28}{'daemon':>12}{'in-process':>12}{'added':>10}{'ratio':>8}")
     for name, row in results.items():
         if "daemon_ms" in row:
             print(f"{name:<28}{row['daemon_ms']:>10.1f}ms{row['in_process_ms']:>10.1f}ms{row['added_ms']:>8.1f}ms"
@@ -57,13 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             daemon.wait_ready(timeout=120)
             baseline = overhead.InProcess.load(args.model, args.threads, n_ctx=2048)
-            results = overhead.run(daemon.port, baseline, runs)
+            scenarios = {"overhead": overhead.run, "growth": growth.run}
+            chosen = args.only or list(scenarios)
+            results = {name: scenarios[name](daemon.port, baseline, runs) for name in chosen}
         finally:
             daemon.stop()
     report = {"model": args.model.name, "server": args.server, "threads": args.threads, "runs": runs,
               "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
-              "overhead": results}
-    print_table(results)
+              "scenarios": results}
+    for scenario, rows in results.items():
+        print_table(scenario, rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {args.json}")

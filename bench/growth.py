@@ -1,0 +1,68 @@
+"""Does the daemon's cost stay flat as work grows? Time per request as the prompt grows (64, 256,
+1024 tokens) and as max_tokens grows, through HTTP and in-process on the same model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from api.engine import SamplingParams
+from bench.measure import interleave, post_json
+from bench.overhead import InProcess
+
+PROMPT_SIZES = (64, 256, 1024)
+REPLY_SIZES = (16, 64, 256)
+_FILLER = "The quick brown fox jumps over the lazy dog near the river bank. "
+_ENDLESS = "0 1 2 3 4 5 6 7"  # a prompt the model keeps continuing, so max_tokens is what stops it
+
+
+def prompt_of(baseline: InProcess, tokens: int) -> str:
+    """A completion prompt of about `tokens` tokens, measured with the model's own tokenizer."""
+    per_filler = _prompt_tokens(baseline, _FILLER * 8) / 8
+    return _FILLER * max(1, round(tokens / per_filler))
+
+
+def _prompt_tokens(baseline: InProcess, prompt: str) -> int:
+    baseline.model.acquire(60)
+    try:
+        run = baseline.model.generate(prompt, SamplingParams(max_tokens=1, temperature=0), lambda _t: True,
+                                      cancel=threading.Event())
+    finally:
+        baseline.model.release()
+    return run.prompt_tokens
+
+
+def _local(baseline: InProcess, prompt: str, max_tokens: int) -> float:
+    started = time.perf_counter()
+    baseline.model.acquire(60)
+    try:
+        baseline.model.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), lambda _t: True,
+                                cancel=threading.Event())
+    finally:
+        baseline.model.release()
+    return time.perf_counter() - started
+
+
+def _remote(port: int, prompt: str, max_tokens: int) -> float:
+    status, body, seconds = post_json(port, "/v1/completions", {"prompt": prompt, "temperature": 0,
+                                                               "max_tokens": max_tokens})
+    assert status == 200, body
+    return seconds
+
+
+def run(port: int, baseline: InProcess, runs: int) -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, float]] = {}
+    for size in PROMPT_SIZES:
+        prompt = prompt_of(baseline, size)
+        remote, local = interleave(runs, lambda p=prompt: _remote(port, p, 1), lambda p=prompt: _local(baseline, p, 1))
+        results[f"prompt_{size}_tokens"] = _row(remote.median_ms, local.median_ms)
+    for size in REPLY_SIZES:
+        remote, local = interleave(runs, lambda n=size: _remote(port, _ENDLESS, n),
+                                   lambda n=size: _local(baseline, _ENDLESS, n))
+        results[f"reply_{size}_tokens"] = _row(remote.median_ms, local.median_ms)
+    return results
+
+
+def _row(daemon_ms: float, local_ms: float) -> dict[str, float]:
+    return {"daemon_ms": round(daemon_ms, 1), "in_process_ms": round(local_ms, 1),
+            "added_ms": round(daemon_ms - local_ms, 1), "ratio": round(daemon_ms / local_ms, 3)}
