@@ -17,7 +17,6 @@ import enum
 import logging
 import math
 import random
-import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -220,7 +219,7 @@ class Arbiter:
 
     def __post_init__(self) -> None:
         self.workers: dict[int, WorkerHandle] = {}
-        self.signals: collections.deque[int] = collections.deque()  # appended by signal handlers only
+        self.signals: collections.deque[str] = collections.deque()  # names ("SIGTERM"), queued by handlers
         self.backoff = Backoff(maximum=self.settings.restart_backoff_max, rng=self.rng)
         self.next_spawn_at = 0.0
         self.last_failure = ""
@@ -262,9 +261,8 @@ class Arbiter:
 
     def handle_signals(self) -> None:
         while self.signals:
-            signum = self.signals.popleft()
-            name = signal.Signals(signum).name
-            handler = getattr(self, f"handle_{name[3:].lower()}", None)
+            name = self.signals.popleft()
+            handler = getattr(self, f"handle_{name.removeprefix('SIG').lower()}", None)
             if handler is None:
                 log.warning("ignoring %s", name)
             else:
