@@ -8,7 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import growth, overhead
+from bench import growth, measure, overhead
 from tests.servers import PYTHON, REPO, ServerProcess, base_env, free_port
 
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: model not found: {args.model} (run ./start.sh once, or pass --model)", file=sys.stderr)
         return 2
     runs = 3 if args.quick else args.runs
+    if args.quick:
+        measure.SETTLE_SECONDS = 0.02  # a smoke run checks that everything works, not the figures
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         daemon = start_daemon(args, Path(tmp))
         try:
