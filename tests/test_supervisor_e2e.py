@@ -1,0 +1,385 @@
+"""The real supervisor (`python watchdog_main.py`) on a free loopback port with the tiny models:
+restart per request, rolling restart, graceful stop, systemd notifications, logs, refusals.
+
+The helpers here (`Service`, the `start_service` fixture) are shared with the fault tests in
+tests/test_supervisor_faults.py. Every test ends with no process of its service left: the fixture
+checks every process whose command line names the test's folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from api.protocol import Sentinel, is_sentinel_name, read_sentinel
+from tests.conftest import tiny_settings
+from tests.servers import PYTHON, REPO, ServerProcess, base_env, free_port
+from tests.tiny_models import TINY_CHAT_REPLY
+
+CHAT = {"messages": [{"role": "user", "content": "Hello!"}], "temperature": 0}
+ENDLESS = {"prompt": "count 0", "max_tokens": 100000, "temperature": 0}  # digits until cancelled
+
+# Short limits so faults are found in about a second (the defaults suit real models).
+FAST = {
+    "HEALTH_INTERVAL": 0.5, "BOOT_TIMEOUT": 20, "STALL_TIMEOUT": 1.5, "REQUEST_TIMEOUT": 30, "KILL_TIMEOUT": 1,
+    "GRACEFUL_TIMEOUT": 5, "RESTART_BACKOFF_MAX": 2,
+}
+
+
+class Service:
+    """One supervisor under test, with its folder, log and workers."""
+
+    def __init__(self, process: ServerProcess, folder: Path) -> None:
+        self.process = process
+        self.folder = folder
+        self.url = process.url
+        self.port = process.port
+        self.run_dir = folder / "run"
+        self.log_path = folder / "logs" / "gpt4all-api.log"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def workers(self) -> list[psutil.Process]:
+        return [p for p in self.process.descendants() if "--worker-id" in _cmdline(p)]
+
+    def sentinels(self) -> dict[int, Sentinel]:
+        found = {}
+        for path in self.run_dir.glob("*"):
+            sentinel = read_sentinel(path) if is_sentinel_name(path.name) else None
+            if sentinel is not None:
+                found[sentinel.pid] = sentinel
+        return found
+
+    def wait_for(self, predicate: Callable[[], object], timeout: float, what: str) -> object:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.02)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}\n--- log:\n{self.log()[-4000:]}")
+
+    def busy_worker(self, timeout: float = 10) -> int:
+        """The pid of a worker whose sentinel says it is generating."""
+        def generating() -> int:
+            return next((pid for pid, s in self.sentinels().items() if s.generating), 0)
+
+        return int(self.wait_for(generating, timeout, "a worker to be generating"))
+
+    def ready_count(self) -> int:
+        return sum(1 for s in self.sentinels().values() if s.state.value == "READY")
+
+    def chat(self, session: requests.Session | None = None, timeout: float = 15) -> requests.Response:
+        return (session or requests).post(self.url + "/v1/chat/completions", json=CHAT, timeout=timeout)
+
+    def stream_endless(self) -> tuple[threading.Thread, dict[str, object]]:
+        """Start an endless streamed generation in a thread; the dict collects what happened."""
+        outcome: dict[str, object] = {"chunks": 0}
+
+        def run() -> None:
+            try:
+                with requests.post(self.url + "/v1/completions", json={**ENDLESS, "stream": True}, stream=True,
+                                   timeout=30) as response:
+                    outcome["status"] = response.status_code
+                    outcome["pid"] = response.headers.get("X-Worker-Pid")
+                    for line in response.iter_lines():
+                        if line.startswith(b"data: "):
+                            outcome["chunks"] = int(outcome["chunks"]) + 1  # type: ignore[call-overload]
+                            outcome["tail"] = [*outcome.get("tail", [])[-3:], line]  # type: ignore[misc]
+                outcome["ended"] = "cleanly"
+            except requests.RequestException as error:
+                outcome["error"] = type(error).__name__
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread, outcome
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _cmdline(process: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(process.cmdline())
+    return ""
+
+
+def processes_naming(folder: Path) -> list[psutil.Process]:
+    """Every live process whose command line names `folder` (the supervisor's workers pass their
+    sentinel path under it), zombies aside."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if str(folder) in _cmdline(process) and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+    return found
+
+
+def supervisor_env(model_dir: Path, folder: Path, port: int, **settings: object) -> dict[str, str]:
+    values = {**tiny_settings(), **FAST, **settings}
+    return base_env(MODEL_PATH=model_dir, LISTEN_PORT=port, WATCHDOG_TEMPFILE=folder / "run",
+                    LOG_FOLDER_NAME=folder / "logs", **values)
+
+
+@pytest.fixture
+def start_service(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """start_service(**settings) runs a supervisor; all are stopped, and checked for leftovers, after the test."""
+    services: list[Service] = []
+
+    def start(*, wait: bool = True, model_dir: Path = tiny_model_dir, args: tuple[str, ...] = (),
+              env: dict[str, str] | None = None, **settings: object) -> Service:
+        folder = tmp_path / f"service-{len(services)}"
+        port = int(settings.pop("LISTEN_PORT", 0)) or free_port()  # type: ignore[call-overload]
+        environment = supervisor_env(model_dir, folder, port, **settings)
+        environment.update(env or {})
+        folder.mkdir()
+        process = ServerProcess([PYTHON, "watchdog_main.py", *args], environment, port, folder / "console.log").start()
+        service = Service(process, folder)
+        services.append(service)
+        if wait:
+            process.wait_ready(timeout=30)
+        return service
+
+    yield start
+    for service in services:
+        survivors = service.process.stop(timeout=15)
+        assert survivors == [], f"processes left behind: {survivors}"
+    leftovers = processes_naming(tmp_path)
+    for process in leftovers:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    assert leftovers == [], f"processes left behind: {leftovers}"
+
+
+# -- restart after each request, with no gap
+
+
+def test_consecutive_requests_are_served_by_different_worker_processes(start_service: Callable[..., Service]) -> None:
+    service = start_service()
+    session = requests.Session()  # keep-alive: a draining worker must close the connection
+    pids = []
+    for _ in range(8):
+        response = service.chat(session)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == TINY_CHAT_REPLY
+        assert response.headers["Connection"] == "close"
+        pids.append(response.headers["X-Worker-Pid"])
+    assert len(set(pids)) == 8
+    service.wait_for(lambda: service.log().count("exited after serving 1 request(s)") >= 8, 10, "8 served exits")
+    assert "crash" not in service.log()
+
+
+def test_requests_that_do_not_touch_the_model_do_not_recycle_the_worker(start_service: Callable[..., Service]) -> None:
+    service = start_service()
+    session = requests.Session()
+    pids = {session.get(service.url + "/v1/models", timeout=5).headers["X-Worker-Pid"] for _ in range(5)}
+    assert len(pids) == 1, "the same worker answers on its keep-alive connection"
+    sentinel = service.sentinels()[int(pids.pop())]
+    assert sentinel.state.value == "READY" and sentinel.requests_served == 0
+
+
+def test_a_hundred_back_to_back_requests_all_succeed(start_service: Callable[..., Service]) -> None:
+    service = start_service(RESTART_AFTER_REQUESTS=1)
+    session = requests.Session()
+    statuses, pids = [], set()
+    for _ in range(100):
+        response = service.chat(session, timeout=30)
+        statuses.append(response.status_code)
+        pids.add(response.headers.get("X-Worker-Pid"))
+    assert statuses == [200] * 100
+    assert len(pids) == 100
+
+
+def test_restart_after_n_requests(start_service: Callable[..., Service]) -> None:
+    service = start_service(RESTART_AFTER_REQUESTS=3, WARM_SPARES=0)
+    session = requests.Session()
+    pids = [service.chat(session).headers["X-Worker-Pid"] for _ in range(9)]
+    assert [len(set(pids[i:i + 3])) for i in (0, 3, 6)] == [1, 1, 1]
+    assert len(set(pids)) == 3
+
+
+# -- signals
+
+
+def test_sighup_replaces_every_worker_without_refusing_a_connection(start_service: Callable[..., Service]) -> None:
+    service = start_service(RESTART_AFTER_REQUESTS=0)
+    before = {w.pid for w in service.workers()}
+    results: list[object] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                response = service.chat(session, timeout=10)
+                results.append((response.status_code, response.headers["X-Worker-Pid"]))
+            except requests.RequestException as error:
+                results.append(error)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        service.wait_for(lambda: len(results) >= 5, 10, "the client to be running")
+        service.signal(signal.SIGHUP)
+        service.wait_for(lambda: "reload complete" in service.log(), 20, "the reload to complete")
+        count = len(results)
+        service.wait_for(lambda: len(results) >= count + 5, 10, "more requests after the reload")
+    finally:
+        stop.set()
+        thread.join(15)
+    failures = [r for r in results if not (isinstance(r, tuple) and r[0] == 200)]
+    assert failures == []
+    after = {w.pid for w in service.workers()}
+    assert before.isdisjoint(after)
+    assert str(results[-1][1]) in {str(pid) for pid in after}  # type: ignore[index]
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_exits(start_service: Callable[..., Service]) -> None:
+    service = start_service(REQUEST_TIMEOUT=3, STALL_TIMEOUT=2, GRACEFUL_TIMEOUT=8, RESTART_AFTER_REQUESTS=0)
+    thread, outcome = service.stream_endless()
+    service.busy_worker()
+    started = time.monotonic()
+    service.signal(signal.SIGTERM)
+    service.wait_for(lambda: refuses_connections(service.port), 3, "no new connections while stopping")
+    assert service.process.process is not None
+    assert service.process.process.wait(15) == 0
+    thread.join(5)
+    # the generation ran to REQUEST_TIMEOUT (3 s) and its error event reached the client before the exit
+    assert outcome["status"] == 200 and outcome["ended"] == "cleanly", outcome
+    assert any(b"REQUEST_TIMEOUT" in line for line in outcome["tail"]), outcome  # type: ignore[attr-defined]
+    assert 2.5 < time.monotonic() - started < 8
+    assert "stopped" in service.log()
+
+
+def test_sigterm_kills_what_does_not_finish_within_the_graceful_timeout(start_service: Callable[..., Service]) -> None:
+    service = start_service(REQUEST_TIMEOUT=30, STALL_TIMEOUT=20, GRACEFUL_TIMEOUT=1.5, RESTART_AFTER_REQUESTS=0)
+    thread, _outcome = service.stream_endless()
+    busy = service.busy_worker()
+    started = time.monotonic()
+    service.signal(signal.SIGTERM)
+    assert service.process.process is not None
+    assert service.process.process.wait(10) == 0
+    assert 1.4 < time.monotonic() - started < 5
+    thread.join(5)
+    assert not psutil.pid_exists(busy) or psutil.Process(busy).status() == psutil.STATUS_ZOMBIE
+    assert "GRACEFUL_TIMEOUT (1.5 s) is over" in service.log()
+
+
+# -- service integration
+
+
+def test_sd_notify_ready_watchdog_and_stopping(start_service: Callable[..., Service], tmp_path: Path) -> None:
+    address = str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(address)
+    receiver.settimeout(10)
+    messages: list[str] = []
+    try:
+        service = start_service(wait=False, env={"NOTIFY_SOCKET": address})
+        while not any("READY=1" in m for m in messages) or not any("WATCHDOG=1" in m for m in messages):
+            messages.append(receiver.recv(4096).decode())
+        assert service.ready_count() >= 1, "READY=1 only once a worker is ready"
+        assert requests.get(service.url + "/health", timeout=5).status_code == 200
+        service.signal(signal.SIGTERM)
+        while not any("STOPPING=1" in m for m in messages):
+            messages.append(receiver.recv(4096).decode())
+    finally:
+        receiver.close()
+    ready_at = next(i for i, m in enumerate(messages) if "READY=1" in m)
+    assert all("READY=1" not in m for m in messages[:ready_at])
+    assert not any("NOTIFY_SOCKET" in _environ(w) for w in service.workers())
+
+
+def _environ(process: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(process.environ())
+    return ""
+
+
+def test_logs_tag_every_worker_line_including_c_level_stderr(start_service: Callable[..., Service]) -> None:
+    service = start_service(RESTART_AFTER_REQUESTS=0, LOG_MAX_BYTES=1024 * 1024)
+    response = requests.post(service.url + "/v1/completions", json={**ENDLESS, "max_tokens": 700}, timeout=30)
+    assert response.status_code == 200
+    pid = response.headers["X-Worker-Pid"]
+    log = service.log()
+    worker_lines = [line for line in log.splitlines() if f" pid {pid}] " in line]
+    assert any("INFO api.worker: model tiny-chat.gguf loaded" in line for line in worker_lines)
+    # the tiny model's context is 512 tokens: llama.cpp's C++ code says so on stderr, in our log
+    assert any("context full, swapping" in line for line in worker_lines), log[-3000:]
+    assert "[supervisor] INFO supervisor (pid" in log
+
+
+def test_logs_rotate_by_size(start_service: Callable[..., Service]) -> None:
+    service = start_service(LOG_MAX_BYTES=2048, LOG_BACKUPS=2)
+    session = requests.Session()
+    for _ in range(6):
+        assert service.chat(session).status_code == 200
+    service.wait_for(lambda: (service.log_path.parent / "gpt4all-api.log.1").exists(), 5, "a rotated log")
+    assert not (service.log_path.parent / "gpt4all-api.log.3").exists()
+    assert service.log_path.stat().st_size <= 2048 + 1024
+
+
+def test_a_second_supervisor_on_the_same_pid_file_or_port_refuses_with_one_line(
+        start_service: Callable[..., Service], tiny_model_dir: Path, tmp_path: Path) -> None:
+    service = start_service()
+    same_folder = supervisor_env(tiny_model_dir, service.folder, free_port())
+    result = subprocess.run([PYTHON, "watchdog_main.py"], cwd=REPO, env=same_folder, capture_output=True, text=True,
+                            timeout=20)
+    assert result.returncode == 3
+    assert result.stderr.count("\n") == 1 and f"another supervisor (pid {service.pid}) is already running" in result.stderr
+    other = tmp_path / "other"
+    same_port = supervisor_env(tiny_model_dir, other, service.port)
+    result = subprocess.run([PYTHON, "watchdog_main.py"], cwd=REPO, env=same_port, capture_output=True, text=True,
+                            timeout=20)
+    assert result.returncode == 3
+    assert result.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{service.port}" in result.stderr
+    assert requests.get(service.url + "/health", timeout=5).status_code == 200, "the first one is unharmed"
+
+
+def test_bad_configuration_prints_one_line_and_exits_non_zero(tiny_model_dir: Path, tmp_path: Path) -> None:
+    env = supervisor_env(tiny_model_dir, tmp_path, free_port(), WORKERS="many")
+    result = subprocess.run([PYTHON, "watchdog_main.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert result.stderr == "configuration error: WORKERS='many' is invalid: expected a whole number >= 1 and <= 64\n"
+
+
+def test_control_stdin_stop_for_service_wrappers(start_service: Callable[..., Service]) -> None:
+    service = start_service(args=("--control-stdin",))
+    process = service.process.process
+    assert process is not None and process.stdin is not None
+    process.stdin.write(b"stop\n")
+    process.stdin.flush()
+    assert process.wait(15) == 0
+    assert "SIGTERM: stopping" in service.log()
+
+
+def test_health_of_the_service_reports_json(start_service: Callable[..., Service]) -> None:
+    service = start_service()
+    body = requests.get(service.url + "/health", timeout=5).json()
+    assert body["status"] == "ready"
+    assert json.loads(json.dumps(body))["model"] == "tiny-chat.gguf"
