@@ -228,6 +228,7 @@ class Arbiter:
         self.reloading = False
         self.stopping_since: float | None = None
         self.ready_notified = False
+        self.unavailable_since: float | None = None  # since when the 503 fallback answers
         self.next_watchdog_at = 0.0
         self.spawned = 0  # total, for tests and the benchmark
 
@@ -563,10 +564,18 @@ class Arbiter:
     def update_fallback(self) -> None:
         """Answer clients with a 503 that says why, but only while no worker process exists that
         could accept: the fallback and a worker never accept on the socket at the same time."""
+        now = self.clock()
+        if self.unavailable_since is not None and self.in_phase(Phase.READY):
+            log.info("a worker is ready again: the service is back after %.1f s of 503 answers",
+                     now - self.unavailable_since)
+            self.unavailable_since = None
         if self.stopping or not self.backoff.failures or self.in_phase(*MAY_ACCEPT):
             self.fallback.disable()
             return
-        retry_after = max(1, math.ceil(self.next_spawn_at - self.clock()))
+        retry_after = max(1, math.ceil(self.next_spawn_at - now))
+        if self.unavailable_since is None:
+            self.unavailable_since = now
+            log.warning("no worker can serve: clients get 503 with Retry-After until one starts")
         self.fallback.enable(self.unavailable_reason(retry_after), retry_after)
 
     def notify_service_manager(self) -> None:

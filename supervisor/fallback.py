@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import select
 import socket
 import threading
-
-log = logging.getLogger("supervisor.fallback")
 
 READ_TIMEOUT = 2.0
 MAX_HEADER_BYTES = 65536
@@ -51,8 +48,6 @@ class FallbackResponder:
 
     def enable(self, reason: str, retry_after: int) -> None:
         with self._condition:
-            if not self._enabled:
-                log.info("no worker can accept: answering clients with 503 (%s)", reason)
             self._response = unavailable_response(reason, retry_after)
             self._enabled = True
             self._condition.notify_all()

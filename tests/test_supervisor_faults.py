@@ -1,0 +1,181 @@
+"""Real faults injected into the real supervisor and its workers: SIGKILL and SIGSTOP of a busy
+worker, a generation over REQUEST_TIMEOUT, a broken model file, a memory limit, the supervisor
+itself killed. Each test asserts what clients see and what the log tells."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import requests
+
+from tests.conftest import TINY_CHAT, TINY_EMBED
+from tests.test_supervisor_e2e import ENDLESS, Service
+from tests.test_supervisor_e2e import start_service as start_service  # the fixture, shared
+from tests.tiny_models import TINY_CHAT_REPLY
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_sigkill_of_a_busy_worker_the_next_request_is_served_within_a_second(
+        start_service: Callable[..., Service]) -> None:
+    service = start_service(RESTART_AFTER_REQUESTS=0)
+    thread, outcome = service.stream_endless()
+    busy = service.busy_worker()
+    os.kill(busy, signal.SIGKILL)
+    killed_at = time.monotonic()
+    response = service.chat(timeout=10)
+    elapsed = time.monotonic() - killed_at
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == TINY_CHAT_REPLY
+    assert elapsed < 1.0, f"the next request took {elapsed:.2f} s"
+    assert response.headers["X-Worker-Pid"] != str(busy)
+    thread.join(10)
+    assert "error" in outcome, "the client of the killed worker saw its connection end"
+    service.wait_for(lambda: f"(pid {busy}) killed by SIGKILL in the middle of a generation" in service.log(), 5,
+                     "the crash in the log")
+    assert "Its last sentinel: state BUSY" in service.log()
+    service.wait_for(lambda: len(service.workers()) == 2, 10, "the pool back to full size")
+
+
+def test_sigstop_of_a_busy_worker_is_detected_killed_and_replaced(start_service: Callable[..., Service]) -> None:
+    service = start_service(RESTART_AFTER_REQUESTS=0, STALL_TIMEOUT=1, KILL_TIMEOUT=1)
+    thread, _ = service.stream_endless()
+    busy = service.busy_worker()
+    os.kill(busy, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    # the spare serves meanwhile
+    assert service.chat(timeout=10).status_code == 200
+    service.wait_for(lambda: gone(busy), 10, "the frozen worker to be killed")
+    detected = time.monotonic() - stopped_at
+    assert detected < 6, f"took {detected:.1f} s"
+    log = service.log()
+    assert re.search(rf"worker \d+ \(pid {busy}\) seems hung: (its generation made no progress|it did not answer)", log), log
+    assert "TERM now, and KILL of its process tree" in log
+    assert f"(pid {busy}) was stopped because" in log
+    service.wait_for(lambda: len(service.workers()) == 2, 10, "a replacement")
+    thread.join(10)
+    assert service.chat(timeout=10).status_code == 200
+
+
+def test_sigstop_of_an_idle_worker_is_found_by_the_health_probe(start_service: Callable[..., Service]) -> None:
+    service = start_service(RESTART_AFTER_REQUESTS=0, HEALTH_INTERVAL=0.3)
+    service.wait_for(lambda: service.ready_count() == 2, 10, "two ready workers")
+    idle = service.workers()[0].pid
+    os.kill(idle, signal.SIGSTOP)
+    service.wait_for(lambda: gone(idle), 15, "the frozen idle worker to be killed")
+    assert "did not answer 3 health probes in a row" in service.log()
+    service.wait_for(lambda: service.ready_count() == 2, 10, "the pool back to two ready workers")
+
+
+def test_a_generation_over_request_timeout_gets_a_504_and_its_worker_is_recycled(
+        start_service: Callable[..., Service]) -> None:
+    service = start_service(RESTART_AFTER_REQUESTS=0, REQUEST_TIMEOUT=1.5, STALL_TIMEOUT=1.5)
+    started = time.monotonic()
+    response = requests.post(service.url + "/v1/completions", json=ENDLESS, timeout=20)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "timeout"
+    assert 1.4 < time.monotonic() - started < 4
+    pid = int(response.headers["X-Worker-Pid"])
+    service.wait_for(lambda: gone(pid), 5, "the timed-out worker to exit")
+    assert f"(pid {pid}) exited after serving 1 request(s): a generation ran past REQUEST_TIMEOUT" in service.log()
+    next_pid = service.chat(timeout=10).headers["X-Worker-Pid"]
+    assert next_pid != str(pid)
+    assert "seems hung" not in service.log(), "the worker stopped the generation itself: no kill needed"
+
+
+def write_broken_model(path: Path) -> None:
+    path.write_bytes(os.urandom(4096))
+
+
+def test_a_broken_model_backs_off_answers_503_and_recovers_once_fixed(
+        start_service: Callable[..., Service], tiny_model_dir: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_model_dir / TINY_EMBED, models / TINY_EMBED)
+    write_broken_model(models / TINY_CHAT)
+    service = start_service(wait=False, model_dir=models, RESTART_BACKOFF_MAX=2)
+    # clients get a clear 503, not a hanging connection
+    [response] = service.wait_for(lambda: _unavailable(service), 15, "the 503 fallback")  # type: ignore[misc]
+    error = response.json()["error"]
+    assert error["code"] == "service_unavailable" and "could not be loaded" in error["message"]
+    assert "exited with code 11" in error["message"]
+    assert 1 <= int(response.headers["Retry-After"]) <= 3
+    # no restart storm: count the workers started over four seconds
+    first = _spawned(service)
+    time.sleep(4)
+    spawned = _spawned(service) - first
+    assert 1 <= spawned <= 5, f"{spawned} workers started in 4 s"
+    assert "failures in a row: the next worker starts in" in service.log()
+    # repaired: it recovers by itself
+    shutil.copy(tiny_model_dir / TINY_CHAT, models / "fixed.tmp")
+    os.replace(models / "fixed.tmp", models / TINY_CHAT)
+    service.wait_for(lambda: _ok(service), 15, "recovery after the model file was fixed")
+
+
+def _unavailable(service: Service) -> list[requests.Response]:
+    """[the response] if it is a 503 (a list: a Response with an error status is falsy)."""
+    try:
+        response = service.chat(timeout=5)
+    except requests.RequestException:
+        return []
+    return [response] if response.status_code == 503 else []
+
+
+def _ok(service: Service) -> bool:
+    try:
+        return service.chat(timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _spawned(service: Service) -> int:
+    """Workers started so far: every worker prints 'could not be loaded' or 'loaded' once."""
+    return len(set(re.findall(r"\[worker (\d+) pid", service.log())))
+
+
+def test_a_worker_over_the_memory_limit_is_recycled_after_its_request(start_service: Callable[..., Service]) -> None:
+    service = start_service(RESTART_AFTER_REQUESTS=0, MAX_WORKER_MEMORY_MB=1, HEALTH_INTERVAL=0.5)
+    time.sleep(1.5)
+    assert len(service.workers()) == 2, "no recycling before a request"
+    response = service.chat()
+    assert response.status_code == 200
+    pid = int(response.headers["X-Worker-Pid"])
+    service.wait_for(lambda: gone(pid), 5, "the bloated worker to go")
+    log = service.log()
+    assert re.search(rf"\(pid {pid}\) uses [\d.]+ MB of its own memory \(USS\), above MAX_WORKER_MEMORY_MB \(1\)", log)
+    assert f"(pid {pid}) exited after serving 1 request(s)" in log
+    assert service.chat().headers["X-Worker-Pid"] != str(pid)
+
+
+def test_when_the_supervisor_is_killed_every_worker_exits_within_two_seconds(
+        start_service: Callable[..., Service]) -> None:
+    service = start_service(RESTART_AFTER_REQUESTS=0)
+    _thread, _ = service.stream_endless()
+    service.busy_worker()
+    workers = service.workers()
+    assert len(workers) == 2
+    os.kill(service.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, alive = psutil.wait_procs(workers, timeout=2)
+    assert alive == [], f"workers still alive {time.monotonic() - killed_at:.1f} s after the supervisor died"
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", service.port))  # the port is free
+    # and a new supervisor takes over the stale pid file
+    assert service.process.process is not None
+    service.process.process.wait(5)
+    service.process.start()
+    service.process.wait_ready(timeout=30)
+    assert "found the sentinel of worker" in service.log() or "supervisor (pid" in service.log()
