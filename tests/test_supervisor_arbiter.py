@@ -460,7 +460,7 @@ def test_sigterm_stops_gracefully_then_kills_after_the_graceful_timeout() -> Non
     first, second = h.ready_pool()
     first.start_generation(drains=False)
     h.tick()
-    h.arbiter.signals.append(signal.SIGTERM)
+    h.arbiter.signals.append("SIGTERM")
     assert h.tick()
     assert h.ops.listener_closed and "STOPPING=1" in h.notes
     assert first.sent == ["stop"] and second.sent == ["stop"]
@@ -476,9 +476,9 @@ def test_sigterm_stops_gracefully_then_kills_after_the_graceful_timeout() -> Non
 def test_second_sigint_kills_at_once() -> None:
     h = Harness()
     first, second = h.ready_pool()
-    h.arbiter.signals.append(signal.SIGINT)
+    h.arbiter.signals.append("SIGINT")
     h.tick()
-    h.arbiter.signals.append(signal.SIGINT)
+    h.arbiter.signals.append("SIGINT")
     h.tick()
     assert first.signals == ["KILL"] and second.signals == ["KILL"]
 
@@ -487,7 +487,7 @@ def test_sighup_replaces_workers_one_by_one_never_below_capacity() -> None:
     h = Harness(RESTART_AFTER_REQUESTS=0, WORKERS=1, WARM_SPARES=1)
     old = h.ready_pool()
     h.reloaded = make_settings(RESTART_AFTER_REQUESTS=0, WORKERS=1, WARM_SPARES=1, STALL_TIMEOUT=9)
-    h.arbiter.signals.append(signal.SIGHUP)
+    h.arbiter.signals.append("SIGHUP")
     h.tick()
     assert "RELOADING=1" in h.notes and h.arbiter.settings.stall_timeout == 9
     for _ in range(20):
@@ -515,7 +515,7 @@ def test_bad_configuration_on_reload_keeps_the_running_one(caplog: pytest.LogCap
         raise ConfigError("WORKERS", "many", "a whole number")
 
     h.arbiter.reload_settings = broken
-    h.arbiter.signals.append(signal.SIGHUP)
+    h.arbiter.signals.append("SIGHUP")
     h.tick()
     assert h.arbiter.generation == 1 and "was not reloaded" in caplog.text
 
