@@ -92,11 +92,20 @@ def _ip_address(raw: str) -> str:
         raise ValueError("an IP address such as 127.0.0.1 or ::1") from None
 
 
+# Paths of the other interfaces (api/wire/): ROUTE may not take them over.
+RESERVED_PATHS = ("/health", "/check", "/generate", "/agenerate", "/embeddings", "/docs", "/openapi.json")
+RESERVED_PREFIXES = ("/v0/", "/v1/", "/docs/")
+
+
 def _route(raw: str) -> str:
     route = raw.strip()
-    if not re.fullmatch(r"/[A-Za-z0-9_\-./]*", route) or "//" in route or route in {"/", "/health"}:
+    if not re.fullmatch(r"/[A-Za-z0-9_\-./]*", route) or "//" in route or route == "/":
         raise ValueError("a URL path such as /gpt4all_api")
-    return route.rstrip("/")
+    route = route.rstrip("/")
+    if route in RESERVED_PATHS or route in ("/v0", "/v1") or route.startswith(RESERVED_PREFIXES):
+        raise ValueError("a URL path such as /gpt4all_api that no other interface uses (not " + ", ".join(RESERVED_PATHS)
+                         + ", /v0/..., /v1/...)")
+    return route
 
 
 def _model_file_name(raw: str) -> str:
@@ -195,7 +204,12 @@ FIELDS: tuple[Field, ...] = (
     # -- model retrieval (off by default: nothing downloads unless a user asks for it)
     Field("ALLOW_DOWNLOAD", "false", _boolean, "Allow fetching models that are not in MODEL_PATH from MODEL_CATALOG_URL."),
     Field("MODEL_CATALOG_URL", "https://gpt4all.io/models/models3.json", _text,
-          "Catalog to fetch models from when ALLOW_DOWNLOAD is true."),
+          "Catalog to fetch models from when ALLOW_DOWNLOAD is true (GPT4All's models3.json format; a URL or a file path)."),
+    Field("DOWNLOAD_TIMEOUT", "60", _seconds,
+          "Longest wait for a model or catalog server to connect or send more data before the download fails."),
+    # -- documentation
+    Field("DOCS_PUBLIC", "false", _boolean,
+          "Serve /docs and /openapi.json without the API key even when API_KEY is set (they need it by default)."),
 )
 
 
@@ -240,6 +254,8 @@ class Settings:
     log_backups: int
     allow_download: bool
     model_catalog_url: str
+    download_timeout: float
+    docs_public: bool
 
     @property
     def chat_model_file(self) -> Path:
