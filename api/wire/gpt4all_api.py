@@ -4,42 +4,39 @@ A success answers with the reply itself as text/plain, as the original server di
 sends `Accept: application/json` gets the reply with its model, token usage and timings. Every
 error is a JSON object with a 4xx/5xx status.
 
-Fields: prompt (required), persona (the system prompt), assist (an earlier assistant message),
-temp, and optionally max_tokens, top_p, top_k, stream (default: the STREAM setting).
+Fields (api.wire.schemas.OriginalRequest): prompt (required), persona (the system prompt), assist
+(an earlier assistant message), temp, and optionally max_tokens, top_p, top_k, stream (default:
+the STREAM setting).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
 from api.engine import SamplingParams
 from api.generation import GenerationRequest, Outcome, check_sampling
-from api.wire.common import client_disconnected, closing, get_field, get_text, json_body, runtime
+from api.openapi import Reply, documented
+from api.wire import schemas
+from api.wire.common import client_disconnected, closing, json_body, runtime
+from api.wire.validation import parse
 
-DEFAULT_TEMPERATURE = 0.7
 
-
-def _messages(body: dict[str, Any], header: str, footer: str) -> list[dict[str, str]]:
-    prompt = get_text(body, "prompt", required=True, allow_empty=False)
-    persona = get_text(body, "persona")
-    assist = get_text(body, "assist")
+def _messages(body: schemas.OriginalRequest, header: str, footer: str) -> list[dict[str, str]]:
     messages = []
-    if persona:
-        messages.append({"role": "system", "content": persona})
-    if assist:
-        messages.append({"role": "assistant", "content": assist})
-    messages.append({"role": "user", "content": f"{header}{prompt}{footer}"})
+    if body.persona:
+        messages.append({"role": "system", "content": body.persona})
+    if body.assist:
+        messages.append({"role": "assistant", "content": body.assist})
+    messages.append({"role": "user", "content": f"{header}{body.prompt}{footer}"})
     return messages
 
 
-def _sampling(body: dict[str, Any], default_max_tokens: int) -> SamplingParams:
+def _sampling(body: schemas.OriginalRequest, default_max_tokens: int) -> SamplingParams:
     return check_sampling(SamplingParams(
-        max_tokens=get_field(body, "max_tokens", int, default_max_tokens),
-        temperature=get_field(body, "temp", float, DEFAULT_TEMPERATURE),
-        top_p=get_field(body, "top_p", float, 0.9),
-        top_k=get_field(body, "top_k", int, 40),
+        max_tokens=body.max_tokens or default_max_tokens,
+        temperature=body.temp,
+        top_p=body.top_p,
+        top_k=body.top_k,
     ), {"temperature": "temp"})
 
 
@@ -59,11 +56,22 @@ def create_blueprint(route: str) -> Blueprint:
     blueprint = Blueprint("gpt4all_api", __name__)
 
     @blueprint.post(route)
+    @documented(
+        "The original route: a prompt and a persona", tags=("Original GPT4All API",), request=schemas.OriginalRequest,
+        description="The path is the ROUTE setting. HEADER and FOOTER are put around the prompt, which goes through the "
+                    "model's chat template with the persona as the system prompt.",
+        responses={200: (Reply("The reply itself (streamed while generated when stream is true).", {"type": "string"},
+                               media_type="text/plain"),
+                         Reply("With `Accept: application/json`: the reply with model, usage and timings.",
+                               schemas.OriginalReply))},
+        errors={503: "The model is loading or busy; retry after `Retry-After` seconds.",
+                504: "The generation ran over REQUEST_TIMEOUT or stalled for STALL_TIMEOUT."},
+    )
     def generate() -> Response:
         state = runtime()
-        body = json_body()
+        body = parse(schemas.OriginalRequest, json_body())
         settings = state.settings
-        stream = get_field(body, "stream", bool, settings.stream)
+        stream = settings.stream if body.stream is None else body.stream
         generation = state.service.start(GenerationRequest(
             sampling=_sampling(body, settings.default_max_tokens),
             messages=_messages(body, settings.header, settings.footer),

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
+from api.openapi import Reply, documented
+from api.wire import schemas
 from api.wire.common import runtime
 
 blueprint = Blueprint("health", __name__)
 
 
 @blueprint.get("/health")
+@documented("Health of this worker (no API key needed)", tags=("Health",), public=True,
+            description="What supervisors and load balancers probe.",
+            responses={200: Reply("The model is loaded.", schemas.Health),
+                       503: Reply("The model is loading, or failed to load (`reason`).", schemas.Health,
+                                  headers={"Retry-After": "Seconds to wait."})})
 def health() -> Response:
     state = runtime()
     body: dict[str, object] = {"status": state.state.value, "model": state.settings.model_name}

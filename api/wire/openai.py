@@ -1,9 +1,12 @@
-"""The OpenAI-compatible interface under /v1: chat completions, completions, models, embeddings.
+"""The OpenAI-compatible interface under /v1: chat completions, completions, models, embeddings,
+and the extras of the earlier FastAPI-style GPT4All servers (engines, health, model retrieval,
+prompt templates and their sampling fields on completions).
 
 Shapes follow OpenAI's wire format exactly, because client libraries parse it strictly:
 errors are `{"error": {message, type, param, code}}` with 4xx for bad input (SDKs retry 5xx);
 a stream is `data: {json}` events with one stable id, the role in the first chat chunk, the
 finish_reason in a chunk of its own, an optional usage chunk with no choices, then `[DONE]`.
+Request bodies are validated by the models in api/wire/schemas.py, which also document them.
 """
 
 from __future__ import annotations
@@ -18,140 +21,112 @@ from flask import Blueprint, Response, jsonify
 from api.engine import SamplingParams
 from api.errors import ApiError, InvalidRequest, ModelNotFound
 from api.generation import Generation, GenerationRequest, Outcome, check_sampling
+from api.model_download import DISABLED_MESSAGE, DownloadDisabled
 from api.model_names import InstalledModel, ModelNameError, file_name_for, model_id
-from api.wire.common import (
-    client_disconnected,
-    get_field,
-    get_stop,
-    get_text,
-    json_body,
-    runtime,
-    sse_event,
-    sse_response,
-)
+from api.openapi import Reply, documented
+from api.wire import schemas
+from api.wire.common import client_disconnected, downloader, json_body, runtime, sse_event, sse_response
+from api.wire.validation import parse
 
 blueprint = Blueprint("openai", __name__)
 
-DEFAULT_TEMPERATURE = 0.7
-MAX_CHOICES = 8
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-UNSUPPORTED = {
-    "tools": "tool calling is not supported",
-    "functions": "function calling is not supported",
-    "tool_choice": "tool calling is not supported",
-    "function_call": "function calling is not supported",
-    "suffix": "suffix (insertion) is not supported",
+TAGS_CHAT = ("OpenAI: chat and completions",)
+TAGS_MODELS = ("OpenAI: models and embeddings",)
+GENERATION_ERRORS = {
+    404: "The model is not installed (`code`: model_not_found; the message lists the installed ones).",
+    503: "The model is loading or busy; retry after `Retry-After` seconds.",
+    504: "The generation ran over REQUEST_TIMEOUT or stalled for STALL_TIMEOUT.",
 }
+STREAM_HEADERS = {"X-Accel-Buffering": "no"}
 
 
-# -- request parsing
+# -- request checks the schema cannot express
 
 
-def _reject_unsupported(body: dict[str, Any]) -> None:
-    for name, reason in UNSUPPORTED.items():
-        if body.get(name) not in (None, [], {}):
-            raise InvalidRequest(f"'{name}': {reason} by this server", param=name)
-    if body.get("logprobs") not in (None, False, 0):
+def _reject_unsupported(body: schemas.OpenAISampling) -> None:
+    for name, reason in (("tools", "tool calling"), ("functions", "function calling"), ("tool_choice", "tool calling"),
+                         ("function_call", "function calling")):
+        if getattr(body, name) not in (None, [], {}):
+            raise InvalidRequest(f"'{name}': {reason} is not supported by this server", param=name)
+    if body.logprobs not in (None, False, 0):
         raise InvalidRequest("'logprobs': log probabilities are not supported by this server", param="logprobs")
-    response_format = body.get("response_format")
-    if response_format not in (None, {}) and not (isinstance(response_format, dict) and response_format.get("type") == "text"):
+    if body.response_format not in (None, {}) and body.response_format.get("type") != "text":
         raise InvalidRequest("'response_format': only {\"type\": \"text\"} is supported", param="response_format")
 
 
-def _repeat_penalty(body: dict[str, Any]) -> float:
+def _repeat_penalty(body: schemas.OpenAISampling) -> float:
     """gpt4all has one multiplicative penalty on tokens seen in the last repeat_last_n tokens.
 
-    `repeat_penalty` sets it directly. OpenAI's presence_penalty (0..2) is the closest idea and maps
-    to 1 + presence_penalty / 2; frequency_penalty (a count-based penalty) has no equivalent, so a
-    non-zero value is refused rather than silently ignored.
+    `repeat_penalty` (or its old misspelling `repeat_penality`) sets it directly. OpenAI's
+    presence_penalty (0..2) is the closest idea and maps to 1 + presence_penalty / 2;
+    frequency_penalty (a count-based penalty) has no equivalent, so a non-zero value is refused
+    rather than silently ignored.
     """
-    frequency = get_field(body, "frequency_penalty", float, 0.0)
-    if frequency != 0:
+    if body.frequency_penalty != 0:
         raise InvalidRequest("'frequency_penalty' is not supported (only 0); use presence_penalty or repeat_penalty",
                              param="frequency_penalty")
-    presence = get_field(body, "presence_penalty", float, 0.0)
-    if not 0 <= presence <= 2:
-        raise InvalidRequest("'presence_penalty' must be between 0 and 2 (negative values are not supported)",
-                             param="presence_penalty")
-    repeat = get_field(body, "repeat_penalty", float)
-    if repeat is not None and presence:
+    repeat = body.repeat_penalty
+    if body.repeat_penality is not None:
+        if repeat is not None and repeat != body.repeat_penality:
+            raise InvalidRequest("set either 'repeat_penalty' or 'repeat_penality' (its old spelling), not both",
+                                 param="repeat_penality")
+        repeat = body.repeat_penality
+    if repeat is not None and body.presence_penalty:
         raise InvalidRequest("set either 'repeat_penalty' or 'presence_penalty', not both", param="repeat_penalty")
-    return repeat if repeat is not None else 1.0 + presence / 2
+    return repeat if repeat is not None else 1.0 + body.presence_penalty / 2
 
 
-def _max_tokens(body: dict[str, Any], default: int) -> int:
-    value = get_field(body, "max_completion_tokens", int)
-    return value if value is not None else get_field(body, "max_tokens", int, default)
-
-
-def parse_sampling(body: dict[str, Any], default_max_tokens: int) -> SamplingParams:
-    get_field(body, "seed", int)  # accepted, best effort: gpt4all cannot seed its sampler
+def parse_sampling(body: schemas.OpenAISampling, default_max_tokens: int) -> SamplingParams:
+    max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
     return check_sampling(SamplingParams(
-        max_tokens=_max_tokens(body, default_max_tokens),
-        temperature=get_field(body, "temperature", float, DEFAULT_TEMPERATURE),
-        top_p=get_field(body, "top_p", float, 1.0),
-        top_k=get_field(body, "top_k", int, 40),
-        min_p=get_field(body, "min_p", float, 0.0),
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
         repeat_penalty=_repeat_penalty(body),
-        repeat_last_n=get_field(body, "repeat_last_n", int, 64),
+        repeat_last_n=body.repeat_last_n,
     ))
 
 
-def _choice_count(body: dict[str, Any]) -> int:
-    n = get_field(body, "n", int, 1)
-    if not 1 <= n <= MAX_CHOICES:
-        raise InvalidRequest(f"'n' must be between 1 and {MAX_CHOICES}", param="n")
-    return n
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else (stop or [])
+    return tuple(text for text in stops if text)
 
 
-def _message_content(content: object, index: int) -> str:
+def _message_content(message: schemas.ChatMessage, index: int) -> str:
+    content = message.content
+    if content is None:
+        if message.role == "assistant":
+            return ""
+        raise InvalidRequest(f"messages[{index}].content must be a string or an array of text parts",
+                             param=f"messages[{index}].content")
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InvalidRequest(f"messages[{index}].content: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
-                                     "are supported", param=f"messages[{index}].content")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise InvalidRequest(f"messages[{index}].content must be a string or an array of text parts",
-                         param=f"messages[{index}].content")
+    return "".join(part.text for part in content)
 
 
-def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    raw = get_field(body, "messages", list, required=True)
-    if not raw:
-        raise InvalidRequest("'messages' must contain at least one message", param="messages")
-    messages = []
-    for index, message in enumerate(raw):
-        if not isinstance(message, dict):
-            raise InvalidRequest(f"messages[{index}] must be an object", param=f"messages[{index}]")
-        role = message.get("role")
-        if role not in ROLES:
-            raise InvalidRequest(f"messages[{index}].role must be one of system, developer, user, assistant",
-                                 param=f"messages[{index}].role")
-        content = message.get("content")
-        if content is None and role == "assistant":
-            content = ""
-        messages.append({"role": ROLES[role], "content": _message_content(content, index)})
-    return messages
+def parse_messages(body: schemas.ChatCompletionRequest) -> list[dict[str, str]]:
+    return [{"role": ROLES[message.role], "content": _message_content(message, index)}
+            for index, message in enumerate(body.messages)]
 
 
-def _stream_options(body: dict[str, Any], stream: bool) -> bool:
-    options = get_field(body, "stream_options", dict)
-    if options is None:
+def _include_usage(body: schemas.OpenAISampling) -> bool:
+    if body.stream_options is None:
         return False
-    if not stream:
+    if not body.stream:
         raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    include = options.get("include_usage", False)
-    if not isinstance(include, bool):
-        raise InvalidRequest("'stream_options.include_usage' must be a boolean", param="stream_options")
-    return include
+    return body.stream_options.include_usage
 
 
-def _requested_model(body: dict[str, Any]) -> str | None:
-    return get_text(body, "model")
+def apply_prompt_template(template: str, prompt: str) -> str:
+    """GPT4All's prompt templates: %1 stands for the prompt; %2, where the reply goes, may end it."""
+    head, marker, tail = template.partition("%2")
+    if head.count("%1") != 1 or (marker and tail.strip()):
+        raise InvalidRequest("'prompt_template' must contain %1 (where the prompt goes) exactly once, and %2 (where the "
+                             "reply goes) at most once, at its end", param="prompt_template")
+    return head.replace("%1", prompt)
 
 
 # -- responses
@@ -230,24 +205,33 @@ def _chat_chunk(run: _Run, include_usage: bool) -> Callable[[int, str | None, st
     return chunk
 
 
+def _chat_request(body: schemas.ChatCompletionRequest) -> GenerationRequest:
+    return GenerationRequest(
+        sampling=parse_sampling(body, runtime().settings.default_max_tokens),
+        model=body.model,
+        messages=parse_messages(body),
+        stop=stop_strings(body.stop),
+        is_disconnected=client_disconnected(),
+    )
+
+
 @blueprint.post("/chat/completions")
 @blueprint.post("/chat/completions/")
+@documented(
+    "Chat completion (OpenAI)", tags=TAGS_CHAT, request=schemas.ChatCompletionRequest,
+    description="The messages go through the model's own chat template. Trailing-slash form accepted without a redirect.",
+    responses={200: (Reply("The reply (stream: false).", schemas.ChatCompletion),
+                     Reply("Server-Sent Events (stream: true): `data: {chunk}` events, then `data: [DONE]`.",
+                           media_type="text/event-stream", events=schemas.ChatCompletionChunk | schemas.ErrorResponse))},
+    errors=GENERATION_ERRORS,
+)
 def chat_completions() -> Response:
-    body = json_body()
+    body = parse(schemas.ChatCompletionRequest, json_body())
     _reject_unsupported(body)
-    settings = runtime().settings
-    stream = get_field(body, "stream", bool, False)
-    include_usage = _stream_options(body, stream)
-    n = _choice_count(body)
-    run = _Run(GenerationRequest(
-        sampling=parse_sampling(body, settings.default_max_tokens),
-        model=_requested_model(body),
-        messages=parse_messages(body),
-        stop=get_stop(body),
-        is_disconnected=client_disconnected(),
-    ), n)
+    include_usage = _include_usage(body)
+    run = _Run(_chat_request(body), body.n)
     run.id = "chatcmpl-" + run.id
-    if stream:
+    if body.stream:
         return _stream(run, include_usage, _chat_chunk(run, include_usage))
     choices = []
     for index, generation in run.generations():
@@ -259,10 +243,10 @@ def chat_completions() -> Response:
                     "choices": choices, "usage": _usage(run.outcomes), "system_fingerprint": None})
 
 
-def _completion_prompt(body: dict[str, Any]) -> str:
-    prompt = get_field(body, "prompt", (str, list), required=True)
+def _completion_prompt(body: schemas.CompletionRequest) -> str:
+    prompt = body.prompt
     if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
+        if len(prompt) != 1:
             raise InvalidRequest("'prompt' must be a string or a list of one string (batches and token arrays "
                                  "are not supported)", param="prompt")
         prompt = prompt[0]
@@ -287,25 +271,33 @@ def _completion_chunk(run: _Run, include_usage: bool, echo: str) -> Callable[[in
 
 @blueprint.post("/completions")
 @blueprint.post("/completions/")
+@documented(
+    "Text completion (OpenAI, with GPT4All's prompt templates)", tags=TAGS_CHAT, request=schemas.CompletionRequest,
+    description="The prompt is continued as it is, or wrapped in `prompt_template` first (%1 stands for the prompt). "
+                "Also takes the GPT4ALL-Python-API fields prompt_batch_size, repeat_penality, repeat_last_n and reload. "
+                "Trailing-slash form accepted without a redirect.",
+    responses={200: (Reply("The completion (stream: false).", schemas.Completion),
+                     Reply("Server-Sent Events (stream: true): `data: {chunk}` events, then `data: [DONE]`.",
+                           media_type="text/event-stream", events=schemas.Completion | schemas.ErrorResponse))},
+    errors=GENERATION_ERRORS,
+)
 def completions() -> Response:
-    body = json_body()
+    body = parse(schemas.CompletionRequest, json_body())
     _reject_unsupported(body)
-    settings = runtime().settings
-    stream = get_field(body, "stream", bool, False)
-    include_usage = _stream_options(body, stream)
-    echo = get_field(body, "echo", bool, False)
-    n = _choice_count(body)
+    if body.suffix:
+        raise InvalidRequest("'suffix': suffix (insertion) is not supported by this server", param="suffix")
+    include_usage = _include_usage(body)
     prompt = _completion_prompt(body)
     run = _Run(GenerationRequest(
-        sampling=parse_sampling(body, settings.default_max_tokens),
-        model=_requested_model(body),
-        prompt=prompt,
-        stop=get_stop(body),
+        sampling=parse_sampling(body, runtime().settings.default_max_tokens),
+        model=body.model,
+        prompt=apply_prompt_template(body.prompt_template, prompt) if body.prompt_template is not None else prompt,
+        stop=stop_strings(body.stop),
         is_disconnected=client_disconnected(),
-    ), n)
+    ), body.n)
     run.id = "cmpl-" + run.id
-    prefix = prompt if echo else ""
-    if stream:
+    prefix = prompt if body.echo else ""
+    if body.stream:
         return _stream(run, include_usage, _completion_chunk(run, include_usage, prefix))
     choices = []
     for index, generation in run.generations():
@@ -316,45 +308,110 @@ def completions() -> Response:
                     "choices": choices, "usage": _usage(run.outcomes), "system_fingerprint": None})
 
 
-# -- models
+# -- models and engines
 
 
-def _model_object(model: InstalledModel) -> dict[str, object]:
-    return {"id": model.id, "object": "model", "created": model.created, "owned_by": "local"}
+def _model_object(model: InstalledModel, note: str | None = None) -> dict[str, object]:
+    body: dict[str, object] = {"id": model.id, "object": "model", "created": model.created, "owned_by": "local"}
+    if note:
+        body["data"] = note
+    return body
 
 
 @blueprint.get("/models")
+@documented("List the installed models", tags=TAGS_MODELS, responses={200: Reply("The installed models.", schemas.ModelList)})
 def list_models() -> Response:
     return jsonify({"object": "list", "data": [_model_object(model) for model in runtime().models.installed()]})
 
 
+def _installed(name: str | None) -> InstalledModel | None:
+    return next((model for model in runtime().models.installed() if model.file_name == name), None)
+
+
 @blueprint.get("/models/<path:requested>")
+@documented(
+    "Describe a model; retrieve it first if it is not installed", tags=TAGS_MODELS,
+    description="An installed model is described at once. A model that is not installed is downloaded from the model "
+                "catalog when ALLOW_DOWNLOAD=true (as GPT4ALL-Python-API did), then described; `data` says what happened.",
+    responses={200: Reply("The model.", schemas.ModelObject)},
+    errors={404: "Not installed, and downloads are disabled or the catalog does not list it.",
+            502: "The download failed (truncated, wrong checksum, server error).", 504: "The download server stopped answering.",
+            507: "Not enough disk space."},
+    path_params={"requested": "A model id or .gguf file name."},
+)
 def retrieve_model(requested: str) -> Response:
     models = runtime().models
     try:
-        name = file_name_for(requested)
+        name: str | None = file_name_for(requested)
     except ModelNameError:
         name = None
-    found = next((model for model in models.installed() if model.file_name == name), None)
+    found = _installed(name)
+    if found is not None:
+        return jsonify(_model_object(found))
+    available = ", ".join(models.available_ids()) or "none"
+    missing = f"The model '{requested}' does not exist. Available models: {available}"
+    if name is None:
+        raise ModelNotFound(missing, param="model")
+    try:
+        retrieval = downloader().retrieve(name)
+    except DownloadDisabled:
+        raise ModelNotFound(f"{missing}. It cannot be retrieved: {DISABLED_MESSAGE}.", param="model",
+                            code="model_not_found") from None
+    found = _installed(retrieval.path.name)
     if found is None:
-        available = ", ".join(models.available_ids()) or "none"
-        raise ModelNotFound(f"The model '{requested}' does not exist. Available models: {available}", param="model")
-    return jsonify(_model_object(found))
+        raise ModelNotFound(f"the model '{requested}' was retrieved but is not a readable GGUF model", param="model")
+    return jsonify(_model_object(found, retrieval.message))
+
+
+def _engine(model: InstalledModel) -> dict[str, object]:
+    return {"id": model.id, "object": "engine", "created": model.created, "owner": "local", "ready": True}
+
+
+@blueprint.get("/engines")
+@blueprint.get("/engines/")
+@documented("List the engines (OpenAI's older name for models)", tags=TAGS_MODELS,
+            responses={200: Reply("One engine per installed model.", schemas.EngineList)})
+def list_engines() -> Response:
+    return jsonify({"object": "list", "data": [_engine(model) for model in runtime().models.installed()]})
+
+
+@blueprint.get("/engines/<path:engine_id>")
+@documented("Describe an engine (an installed model)", tags=TAGS_MODELS, responses={200: Reply("The engine.", schemas.Engine)},
+            errors={404: "No such model is installed."}, path_params={"engine_id": "A model id or .gguf file name."})
+def retrieve_engine(engine_id: str) -> Response:
+    try:
+        found = _installed(file_name_for(engine_id))
+    except ModelNameError:
+        found = None
+    if found is None:
+        available = ", ".join(runtime().models.available_ids()) or "none"
+        raise ModelNotFound(f"The engine '{engine_id}' does not exist. Available engines: {available}", param="engine_id")
+    return jsonify(_engine(found))
+
+
+@blueprint.get("/health")
+@blueprint.get("/health/")
+@documented("Health check of the FastAPI GPT4All server (no API key needed)", tags=("Health",), public=True,
+            responses={200: Reply("Ready.", schemas.HealthStatus),
+                       503: Reply("The model is loading (or failed to load).", schemas.HealthStatus,
+                                  headers={"Retry-After": "Seconds to wait."})})
+def health() -> Response:
+    state = runtime()
+    if state.ready:
+        return jsonify({"status": "ok"})
+    response = jsonify({"status": "failed" if state.failure else "loading"})
+    response.status_code = 503
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 # -- embeddings
 
 
-def _embedding_inputs(body: dict[str, Any]) -> list[str]:
-    value = get_field(body, "input", (str, list), required=True)
-    texts = [value] if isinstance(value, str) else value
-    if not texts or not all(isinstance(text, str) for text in texts):
-        raise InvalidRequest("'input' must be a non-empty string or a non-empty array of strings "
-                             "(token arrays are not supported)", param="input")
+def _embedding_inputs(body: schemas.EmbeddingRequest) -> list[str]:
+    texts = [body.input] if isinstance(body.input, str) else body.input
     if any(not text for text in texts):
         raise InvalidRequest("'input' must not contain empty strings", param="input")
-    if len(texts) > 2048:
-        raise InvalidRequest("'input' may hold at most 2048 texts", param="input")
     return texts
 
 
@@ -366,22 +423,21 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
 
 @blueprint.post("/embeddings")
 @blueprint.post("/embeddings/")
+@documented("Embeddings (OpenAI)", tags=TAGS_MODELS, request=schemas.EmbeddingRequest,
+            responses={200: Reply("One vector per input text.", schemas.EmbeddingList)},
+            errors={404: "Not the embedding model.", 503: "No embedding model is installed, or it is busy."})
 def embeddings() -> Response:
-    body = json_body()
+    body = parse(schemas.EmbeddingRequest, json_body())
     texts = _embedding_inputs(body)
-    encoding = get_field(body, "encoding_format", str, "float")
-    if encoding not in ("float", "base64"):
-        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
     state = runtime()
-    model = state.models.embedding_model(_requested_model(body))
-    dimensions = get_field(body, "dimensions", int)
+    model = state.models.embedding_model(body.model)
     vectors, tokens = state.service.embed(model, texts)
-    if dimensions is not None and dimensions != len(vectors[0]):
+    if body.dimensions is not None and body.dimensions != len(vectors[0]):
         raise InvalidRequest(f"'dimensions' must be {len(vectors[0])} for this model (it cannot be shortened)",
                              param="dimensions")
     return jsonify({
         "object": "list",
-        "data": [{"object": "embedding", "index": index, "embedding": _encode(vector, encoding)}
+        "data": [{"object": "embedding", "index": index, "embedding": _encode(vector, body.encoding_format)}
                  for index, vector in enumerate(vectors)],
         "model": model_id(model.name),
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},

@@ -1,0 +1,384 @@
+"""The wire contract: every request body the routes validate and every response they send.
+
+Request models (`WireModel`) are what the routes parse with (api.wire.validation.parse); response
+models describe what the adapters send. api/openapi.py turns both into the OpenAPI document, and
+the contract tests check real responses against it, so this file is the single written-down form
+of the interface.
+
+Ranges below are the ones the generation service accepts (api.generation.check_sampling); they are
+declared here so that clients see them in the document and get a 400 naming their own field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.wire.validation import NonBlank, WireModel, expect
+
+MAX_CHOICES = 8
+MAX_STOPS = 16
+MAX_EMBEDDING_INPUTS = 2048
+
+# -- sampling values shared by the wire formats (the service's ranges)
+
+Temperature = Annotated[float, Field(ge=0, le=2, description="Sampling temperature; 0 is greedy (deterministic).")]
+TopP = Annotated[float, Field(gt=0, le=1, description="Nucleus sampling: keep the most likely tokens up to this probability mass.")]
+TopK = Annotated[int, Field(ge=0, description="Sample among the K most likely tokens (0: no limit).")]
+MinP = Annotated[float, Field(ge=0, le=1, description="Drop tokens less likely than min_p times the most likely one.")]
+RepeatPenalty = Annotated[float, Field(gt=0, le=10,
+                                       description="Multiplicative penalty on tokens seen in the last repeat_last_n tokens (1: off).")]
+RepeatLastN = Annotated[int, Field(ge=0, description="How many recent tokens the repeat penalty looks at.")]
+MaxTokens = Annotated[int, Field(ge=1, description="Longest reply, in tokens.")]
+ModelName = Annotated[str, Field(description="An installed model: its id or .gguf file name. Default: MODEL_NAME. Another installed "
+                                             "model is loaded on demand; a model that is not installed is a 404 (retrieve it first).")]
+StopList = Annotated[list[str], Field(max_length=MAX_STOPS)]
+Stop = Annotated[str | StopList, expect(f"a string or a list of at most {MAX_STOPS} strings"),
+                 Field(description="Text that ends the reply (not included in it): a string or a list of strings.")]
+
+
+class ResponseModel(BaseModel):
+    """Base of the documented responses: extra fields may be added in later versions."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# -- errors (every wire format)
+
+
+class ErrorDetail(ResponseModel):
+    message: str = Field(description="What went wrong, for a person to read.")
+    type: str = Field(description="invalid_request_error, authentication_error, permission_error or server_error.")
+    param: str | None = Field(description="The request field at fault, as the client named it (e.g. messages[0].role).")
+    code: str | None = Field(description="A stable machine-readable code, e.g. model_not_found, download_disabled.")
+
+
+class ErrorResponse(ResponseModel):
+    """Every 4xx/5xx: OpenAI's error object (SDKs parse it; 4xx for bad input, they retry 5xx)."""
+
+    error: ErrorDetail
+
+
+# -- the original route: POST {ROUTE}
+
+
+class OriginalRequest(WireModel):
+    """The original contract: a prompt and a persona (the system prompt)."""
+
+    prompt: NonBlank = Field(description="The user's message.")
+    persona: str | None = Field(None, description="The system prompt.")
+    assist: str | None = Field(None, description="An earlier assistant message, put before the prompt.")
+    temp: Temperature = 0.7
+    max_tokens: MaxTokens | None = Field(None, description="Longest reply in tokens (default: DEFAULT_MAX_TOKENS).")
+    top_p: TopP = 0.9
+    top_k: TopK = 40
+    stream: bool | None = Field(None, description="Stream the reply as plain text while it is generated (default: STREAM).")
+
+
+class Usage(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(ResponseModel):
+    prompt_seconds: float
+    total_seconds: float
+    tokens_per_second: float
+
+
+class OriginalReply(ResponseModel):
+    """The reply as JSON, for a client that sends `Accept: application/json`."""
+
+    reply: str
+    model: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    timings: Timings
+
+
+class Health(ResponseModel):
+    status: Literal["loading", "ready", "failed"]
+    model: str = Field(description="The chat model file this worker serves.")
+    reason: str | None = Field(None, description="Why loading failed.")
+
+
+# -- OpenAI-compatible /v1
+
+
+class StreamOptions(WireModel):
+    include_usage: bool = Field(False, description="Send a last chunk with the token usage and no choices.")
+
+
+class OpenAISampling(WireModel):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: ModelName | None = None
+    max_tokens: MaxTokens | None = Field(None, description="Longest reply in tokens (default: DEFAULT_MAX_TOKENS).")
+    max_completion_tokens: MaxTokens | None = Field(None, description="Same as max_tokens; wins when both are set.")
+    temperature: Temperature = 0.7
+    top_p: TopP = 1.0
+    top_k: TopK = 40
+    min_p: MinP = 0.0
+    presence_penalty: float = Field(0.0, ge=0, le=2, description="Mapped to repeat_penalty = 1 + presence_penalty / 2.")
+    frequency_penalty: float = Field(0.0, description="Only 0 is supported (gpt4all has no count-based penalty).")
+    repeat_penalty: RepeatPenalty | None = None
+    repeat_penality: RepeatPenalty | None = Field(None, description="The old misspelling of repeat_penalty, still accepted.")
+    repeat_last_n: RepeatLastN = 64
+    seed: int | None = Field(None, description="Accepted, but gpt4all seeds its sampler from the clock and cannot honour it.")
+    stop: Stop | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="How many replies to generate, one after the other.")
+    stream: bool = Field(False, description="Send the reply as Server-Sent Events while it is generated.")
+    stream_options: StreamOptions | None = Field(None, description="Only with stream: true.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+    logprobs: Annotated[bool | int, expect("a boolean or an integer")] | None = Field(
+        None, description="Not supported: only false/0.")
+    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
+    tools: list[Any] | None = Field(None, description="Not supported: refused unless empty.")
+    tool_choice: Any = Field(None, description="Not supported.")
+    functions: list[Any] | None = Field(None, description="Not supported: refused unless empty.")
+    function_call: Any = Field(None, description="Not supported.")
+
+
+class TextPart(WireModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(WireModel):
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="developer is read as system.")
+    content: Annotated[str | list[TextPart], expect("a string or an array of text parts")] | None = Field(
+        None, description="The text, or an array of text parts. May be left out only for an assistant message.")
+    name: str | None = Field(None, description="Accepted and ignored.")
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far, oldest first.")
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: Annotated[str | list[str], expect("a string or a list of one string")] = Field(
+        description="The text to continue: a string, or a list holding one string.")
+    echo: bool = Field(False, description="Put the prompt in front of the reply.")
+    suffix: str | None = Field(None, description="Not supported (insertion).")
+    prompt_template: str | None = Field(
+        None, description="Wraps the prompt before generation: %1 stands for the prompt (exactly once). A %2, if present, marks "
+                          "where the reply goes and must be at the end.")
+    prompt_batch_size: int | None = Field(None, ge=1, description="Accepted; prompts are always processed in batches of 128 tokens.")
+    reload: bool = Field(False, description="Accepted: every request already gets a fresh context.")
+    thread_count: int | None = Field(None, ge=0, description="Accepted and ignored (threads are set by N_THREADS).")
+
+
+class ChatReplyMessage(ResponseModel):
+    role: Literal["assistant"]
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(ResponseModel):
+    index: int
+    message: ChatReplyMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(ResponseModel):
+    id: str = Field(pattern=r"^chatcmpl-")
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: None
+
+
+class ChunkDelta(ResponseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(ResponseModel):
+    index: int
+    delta: ChunkDelta
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(ResponseModel):
+    """One Server-Sent Event of a streamed chat completion (the stream ends with `data: [DONE]`)."""
+
+    id: str = Field(pattern=r"^chatcmpl-")
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(None, description="null in every chunk but the last when stream_options.include_usage.")
+
+
+class CompletionChoice(ResponseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(ResponseModel):
+    id: str = Field(pattern=r"^cmpl-")
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: None = None
+
+
+class ModelObject(ResponseModel):
+    id: str = Field(description="The model's file name without .gguf.")
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    data: str | None = Field(None, description="What retrieving it did (as GPT4ALL-Python-API reported it).")
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+class Engine(ResponseModel):
+    id: str
+    object: Literal["engine"]
+    created: int | None
+    owner: str
+    ready: bool
+
+
+class EngineList(ResponseModel):
+    object: Literal["list"]
+    data: list[Engine]
+
+
+class HealthStatus(ResponseModel):
+    status: Literal["ok", "loading", "failed"]
+
+
+class EmbeddingRequest(WireModel):
+    input: Annotated[str | Annotated[list[str], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)],
+                     expect("a non-empty string or a non-empty array of strings (token arrays are not supported)")] = Field(
+        description="A text or a list of texts.")
+    model: ModelName | None = Field(None, description="The embedding model (default: EMBEDDING_MODEL_NAME).")
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32 values.")
+    dimensions: int | None = Field(None, description="Must equal the model's dimension if given (vectors cannot be shortened).")
+    user: str | None = None
+
+
+class EmbeddingData(ResponseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(ResponseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(ResponseModel):
+    object: Literal["list"]
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+# -- the Flask /v0 server (llm-api-docker)
+
+
+class V0Sampling(WireModel):
+    """gpt4all's own generate() parameters, all optional."""
+
+    model: ModelName | None = None
+    max_tokens: MaxTokens | None = Field(None, description="Longest reply in tokens (default: DEFAULT_MAX_TOKENS).")
+    temp: Temperature = 0.7
+    top_k: TopK = 40
+    top_p: TopP = 0.4
+    min_p: MinP = 0.0
+    repeat_penalty: RepeatPenalty = 1.18
+    repeat_last_n: RepeatLastN = 64
+
+
+class V0Message(WireModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class V0ChatRequest(V0Sampling):
+    messages: list[V0Message] = Field(min_length=1, description="The conversation so far, oldest first.")
+
+
+class V0GenerateRequest(V0Sampling):
+    prompt: NonBlank = Field(description="Raw text passed to the model as it is (no chat template).")
+
+
+class V0RetrieveRequest(WireModel):
+    model_name: NonBlank = Field(description="A bare .gguf file name (the .gguf may be left out).")
+    model_path: str | None = Field(None, description="MODEL_PATH (the default) or a folder inside it; nothing else.")
+    allow_download: bool = Field(True, description="false: only report whether the model is installed.")
+
+
+class V0Reply(ResponseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class V0ChatReply(ResponseModel):
+    id: str = Field(pattern=r"^chat-completions-[0-9]+\.[0-9]+$")
+    replies: list[V0Reply]
+
+
+class V0GenerateReply(ResponseModel):
+    id: str = Field(pattern=r"^generate-[0-9]+\.[0-9]+$")
+    text: str
+
+
+class V0RetrieveReply(ResponseModel):
+    success: bool
+    message: str
+
+
+class V0RetrieveError(ErrorResponse):
+    """A failed retrieval: the /v0 fields beside the usual error object."""
+
+    success: Literal[False]
+    message: str
+
+
+class V0ModelList(ResponseModel):
+    models: list[str] = Field(description="The installed model files.")
+
+
+# -- the generic LLM API (llm-api): /generate, /agenerate, /embeddings, /check
+
+
+class LlmParams(WireModel):
+    """The sampling parameters of llm-api; unknown ones are ignored."""
+
+    n_predict: MaxTokens = 300
+    temp: Temperature = 0.1
+    top_k: TopK = 40
+    top_p: TopP = 0.95
+    min_p: MinP = 0.0
+    stop: Stop | None = None
+    repeat_penalty: RepeatPenalty = 1.3
+    repeat_last_n: RepeatLastN = 64
+
+
+class LlmGenerateRequest(WireModel):
+    prompt: str = Field(min_length=1, description="Raw text passed to the model as it is (no chat template).")
+    params: LlmParams | None = None
+    model: ModelName | None = None
+
+
+class LlmEmbeddingsRequest(WireModel):
+    text: str = Field(min_length=1)
