@@ -1,4 +1,10 @@
-"""The Flask application factory: one blueprint per wire format, configuration passed in."""
+"""The Flask application factory: one blueprint per wire format, configuration passed in.
+
+Interfaces: /health; the original POST {ROUTE}; OpenAI /v1 (with the FastAPI GPT4All servers'
+extras); the Flask /v0 server; the generic LLM API (/generate, /agenerate, /embeddings, /check);
+/openapi.json and /docs. Every route needs API_KEY when it is set, except the health checks
+(/health, /v1/health, /check) and, with DOCS_PUBLIC=true, the documentation.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +17,19 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from api.access import AccessPolicy
 from api.config import Settings
 from api.errors import ApiError, EngineFailure, MethodNotAllowed, NotFound, PayloadTooLarge
+from api.model_download import ModelDownloader
+from api.openapi import DOCS_PATH, DOCUMENT_PATH
 from api.runtime import Runtime
 
 log = logging.getLogger("api.app")
 
-# Routes a supervisor or load balancer probes: no API key needed.
-OPEN_PATHS = frozenset({"/health"})
+# Routes a supervisor or load balancer probes (the health checks of each interface): no API key needed.
+OPEN_PATHS = frozenset({"/health", "/v1/health", "/v1/health/", "/check"})
 WORKER_HEADER = "X-Worker-Pid"
+
+
+def _is_docs_path(path: str) -> bool:
+    return path in (DOCS_PATH, DOCUMENT_PATH) or path.startswith(DOCS_PATH + "/")
 
 
 def error_response(error: ApiError) -> Response:
@@ -42,19 +54,22 @@ def _http_error(error: HTTPException) -> ApiError:
 
 
 def create_app(settings: Settings, runtime: Runtime) -> Flask:
-    from api.wire import gpt4all_api, health, openai
+    from api.openapi import create_blueprint as docs_blueprint
+    from api.wire import gpt4all_api, health, llm_api, openai, v0
 
     app = Flask("api")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # keep the documented field order of each wire format
     app.extensions["runtime"] = runtime
+    app.extensions["downloader"] = ModelDownloader(settings)
     policy = AccessPolicy(settings.api_key, settings.authorized_urls)
 
     @app.before_request
     def check_access() -> None:
         policy.check_client(request.remote_addr)
-        if request.path not in OPEN_PATHS:
-            policy.check_key(request.headers.get("Authorization"), request.headers.get("X-Api-Key"))
+        if request.path in OPEN_PATHS or (settings.docs_public and _is_docs_path(request.path)):
+            return
+        policy.check_key(request.headers.get("Authorization"), request.headers.get("X-Api-Key"))
 
     @app.after_request
     def tag_worker(response: Response) -> Response:
@@ -77,4 +92,7 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
     app.register_blueprint(health.blueprint)
     app.register_blueprint(gpt4all_api.create_blueprint(settings.route))
     app.register_blueprint(openai.blueprint, url_prefix="/v1")
+    app.register_blueprint(v0.blueprint, url_prefix="/v0")
+    app.register_blueprint(llm_api.blueprint)
+    app.register_blueprint(docs_blueprint())
     return app
