@@ -5,9 +5,9 @@
 Everything is configured in .env or the environment (see .env.example); the code is in supervisor/.
 """
 
-import sys
+if __name__ == "__main__":  # imports inside: fork-server children re-run this file as __mp_main__
+    import sys
 
-from supervisor.main import main
+    from supervisor.main import main
 
-if __name__ == "__main__":
     sys.exit(main())

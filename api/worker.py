@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -32,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import waitress
 from waitress import wasyncore
@@ -326,24 +327,39 @@ def inherit_listening_socket(args: argparse.Namespace) -> socket.socket:
 
 
 def die_with_parent(parent_pid: int | None) -> None:
-    """On Linux, have the kernel kill us when the supervisor dies (even by SIGKILL)."""
+    """On Linux, have the kernel kill us when our parent dies (even by SIGKILL). The parent is the
+    supervisor, or the fork server, which exits when the supervisor does."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
+    expected = parent_pid or os.getppid()
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if parent_pid is not None and os.getppid() != parent_pid:  # it died before prctl took effect
+    if os.getppid() != expected:  # it died before prctl took effect
         os._exit(EXIT_ORPHANED)
+
+
+def name_process(worker_id: int) -> None:
+    """Linux: show as `api-worker-K` in ps/top (a forked worker's command line is the fork server's)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_name = 15
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(pr_set_name, f"api-worker-{worker_id}"[:15].encode(), 0, 0, 0)
 
 
 class SupervisedWorker:
     """Wires a WorkerLifecycle to waitress, the model loader, stdin commands and the exit."""
 
-    def __init__(self, settings: Settings, lifecycle: WorkerLifecycle, public: socket.socket) -> None:
+    def __init__(self, settings: Settings, lifecycle: WorkerLifecycle, public: socket.socket,
+                 commands: BinaryIO) -> None:
         self.settings = settings
         self.lifecycle = lifecycle
+        self.commands = commands
         self.runtime = Runtime(settings, lifecycle)
         app = create_app(settings, self.runtime)
         self.control = socket.create_server(("127.0.0.1", 0))
@@ -392,7 +408,7 @@ class SupervisedWorker:
         self.lifecycle.ready()
 
     def _read_commands(self) -> None:
-        for raw in sys.stdin.buffer:
+        for raw in self.commands:
             command, _, reason = raw.decode("utf-8", "replace").strip().partition(" ")
             if command == Command.DRAIN.value:
                 self.lifecycle.drain(EXIT_DRAINED, reason or "the supervisor asked")
@@ -401,7 +417,7 @@ class SupervisedWorker:
                 self._stop_listening()
             elif command:
                 log.warning("unknown command from the supervisor: %r", command)
-        log.warning("stdin closed: the supervisor is gone; exiting")
+        log.warning("the command pipe closed: the supervisor is gone; exiting")
         self._exit(EXIT_ORPHANED)
 
     def _watch_for_exit(self) -> None:
@@ -440,17 +456,22 @@ class SupervisedWorker:
         os._exit(code)
 
 
-def run_supervised(args: argparse.Namespace) -> int:
+def run_supervised(args: argparse.Namespace, public: socket.socket | None = None,
+                   commands: BinaryIO | None = None) -> int:
+    """Run as the supervisor's worker: `public` and `commands` are given when forked, else they
+    come from the arguments and stdin."""
     die_with_parent(args.parent_pid)
+    name_process(args.worker_id)
     # Signals from a terminal reach the whole process group; the supervisor decides for us.
     for name in ("SIGINT", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-    try:
-        public = inherit_listening_socket(args)
-    except (OSError, ValueError) as error:
-        print(f"worker {args.worker_id}: cannot use the listening socket: {error}", file=sys.stderr)
-        return EXIT_BAD_SOCKET
+    if public is None:
+        try:
+            public = inherit_listening_socket(args)
+        except (OSError, ValueError) as error:
+            print(f"worker {args.worker_id}: cannot use the listening socket: {error}", file=sys.stderr)
+            return EXIT_BAD_SOCKET
     try:
         settings = load_settings()
     except ConfigError as error:
@@ -461,7 +482,24 @@ def run_supervised(args: argparse.Namespace) -> int:
         args.worker_id, args.sentinel, restart_after=args.restart_after,
         request_timeout=settings.request_timeout, stall_timeout=settings.stall_timeout,
     )
-    return SupervisedWorker(settings, lifecycle, public).run()
+    return SupervisedWorker(settings, lifecycle, public, commands or sys.stdin.buffer).run()
+
+
+def run_forked(argv: list[str], public: socket.socket, output: socket.socket, commands: socket.socket) -> None:
+    """Entry of a worker forked by the supervisor's fork server (WORKER_START_METHOD=forkserver):
+    the same worker, with its output and commands on socket pairs instead of pipes."""
+    os.setpgid(0, 0)  # a process group of its own, as the spawned workers get
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    os.dup2(output.fileno(), 1)  # Python's and C's stdout and stderr, llama.cpp's included
+    os.dup2(output.fileno(), 2)
+    output.close()
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True, write_through=True)
+    args = parse_args([*argv, "--listen-fd", str(public.fileno())])
+    sys.exit(run_supervised(args, public, commands.makefile("rb")))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

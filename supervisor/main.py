@@ -24,7 +24,7 @@ from api.protocol import is_sentinel_name, read_sentinel
 from supervisor.arbiter import Arbiter, Timing
 from supervisor.fallback import FallbackResponder
 from supervisor.logs import LogWriter
-from supervisor.notify import SystemdNotifier
+from supervisor.notify import SYSTEMD_VARIABLES, SystemdNotifier
 from supervisor.pidfile import AlreadyRunning, PidFile
 from supervisor.processes import RealProcessOps
 
@@ -99,12 +99,15 @@ class Supervisor:
                              level=logging.DEBUG if settings.debug else logging.INFO).start()
             cleanup.callback(logs.stop)
             self.clear_stale_sentinels()
-            ops = RealProcessOps(listener, settings.run_dir, logs, on_exit=self.waker.wake)
+            notify = SystemdNotifier()
+            cleanup.callback(notify.close)
+            for name in SYSTEMD_VARIABLES:  # meant for this process: no worker may inherit them
+                os.environ.pop(name, None)
+            ops = RealProcessOps(listener, settings.run_dir, logs, method=settings.worker_start_method,
+                                 on_exit=self.waker.wake)
             cleanup.callback(ops.close)
             fallback = FallbackResponder(listener)
             cleanup.callback(fallback.close)
-            notify = SystemdNotifier()
-            cleanup.callback(notify.close)
             self.arbiter = Arbiter(settings, ops, notify=notify, fallback=fallback, reload_settings=load_settings,
                                    timing=Timing(watchdog_interval=min(1.0, notify.watchdog_interval or 1.0)))
             cleanup.callback(self.kill_survivors)
@@ -113,8 +116,9 @@ class Supervisor:
             if self.control_stdin:
                 threading.Thread(target=self.read_stdin_commands, name="stdin-commands", daemon=True).start()
             log.info("supervisor (pid %d) listening on http://%s:%d: %d worker(s) + %d warm spare(s), model %s, "
-                     "a fresh worker after %s; logs in %s", os.getpid(), settings.listen_ip, settings.listen_port,
-                     settings.workers, settings.warm_spares, settings.model_name, _restart_policy(settings), logs.path)
+                     "a fresh worker after %s, workers started by %s; logs in %s", os.getpid(), settings.listen_ip,
+                     settings.listen_port, settings.workers, settings.warm_spares, settings.model_name,
+                     _restart_policy(settings), ops.method, logs.path)
             self.loop()
             log.info("stopped")
         return EXIT_OK

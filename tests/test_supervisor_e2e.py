@@ -57,7 +57,7 @@ class Service:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def workers(self) -> list[psutil.Process]:
-        return [p for p in self.process.descendants() if "--worker-id" in _cmdline(p)]
+        return [p for p in self.process.descendants() if is_worker(p)]
 
     def sentinels(self) -> dict[int, Sentinel]:
         found = {}
@@ -129,13 +129,27 @@ def _cmdline(process: psutil.Process) -> str:
     return ""
 
 
+def _environ(process: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(f"{key}={value}" for key, value in process.environ().items())
+    return ""
+
+
+def is_worker(process: psutil.Process) -> bool:
+    """A spawned worker shows `--worker-id` in its command line; a forked one is named api-worker-K."""
+    with contextlib.suppress(psutil.Error):
+        return "--worker-id" in _cmdline(process) or process.name().startswith("api-worker-")
+    return False
+
+
 def processes_naming(folder: Path) -> list[psutil.Process]:
-    """Every live process whose command line names `folder` (the supervisor's workers pass their
-    sentinel path under it), zombies aside."""
+    """Every live process whose command line or environment names `folder` (the supervisor, its
+    fork server and workers all do: WATCHDOG_TEMPFILE is under it), zombies aside."""
     found = []
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
-            if str(folder) in _cmdline(process) and process.status() != psutil.STATUS_ZOMBIE:
+            if process.pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE and (
+                    str(folder) in _cmdline(process) or str(folder) in _environ(process)):
                 found.append(process)
     return found
 
@@ -315,12 +329,6 @@ def test_sd_notify_ready_watchdog_and_stopping(start_service: Callable[..., Serv
     assert not any("NOTIFY_SOCKET" in _environ(w) for w in service.workers())
 
 
-def _environ(process: psutil.Process) -> str:
-    with contextlib.suppress(psutil.Error):
-        return " ".join(process.environ())
-    return ""
-
-
 def test_logs_tag_every_worker_line_including_c_level_stderr(start_service: Callable[..., Service]) -> None:
     service = start_service(RESTART_AFTER_REQUESTS=0, LOG_MAX_BYTES=1024 * 1024)
     response = requests.post(service.url + "/v1/completions", json={**ENDLESS, "max_tokens": 700}, timeout=30)
@@ -383,3 +391,20 @@ def test_health_of_the_service_reports_json(start_service: Callable[..., Service
     body = requests.get(service.url + "/health", timeout=5).json()
     assert body["status"] == "ready"
     assert json.loads(json.dumps(body))["model"] == "tiny-chat.gguf"
+
+
+# -- the other way to start workers: a fresh `python -m api` each (Windows' way, and a fallback)
+
+
+def test_spawned_workers_restart_per_request_and_die_with_a_killed_supervisor(
+        start_service: Callable[..., Service]) -> None:
+    service = start_service(WORKER_START_METHOD="spawn")
+    assert "workers started by spawn" in service.log()
+    session = requests.Session()
+    pids = {service.chat(session).headers["X-Worker-Pid"] for _ in range(4)}
+    assert len(pids) == 4
+    workers = service.workers()
+    assert workers and all("--worker-id" in _cmdline(worker) for worker in workers)
+    os.kill(service.pid, signal.SIGKILL)
+    _, alive = psutil.wait_procs(workers, timeout=2)
+    assert alive == []
