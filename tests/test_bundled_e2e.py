@@ -22,7 +22,8 @@ QUESTION = "What is the capital of France?"
 def bundled_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     model_dir = REPO / "models"
     prepare_default_models(model_dir)  # what ./start.sh does; a no-op when already prepared
-    worker = start_worker(model_dir, tmp_path_factory.mktemp("bundled"), N_THREADS=2)
+    # One thread: with as many threads as cores, llama.cpp spin-waits and slows 20x whenever the machine is busy
+    worker = start_worker(model_dir, tmp_path_factory.mktemp("bundled"), N_THREADS=1)
     try:
         yield worker.wait_ready(timeout=60)
     finally:
