@@ -295,7 +295,7 @@ def create_blueprint() -> Blueprint:
 
     @blueprint.get(DOCS_PATH + "/static/<path:filename>")
     @documented("A file of the documentation page (Swagger UI's scripts and styles)", tags=("Documentation",),
-                responses={200: Reply("The file.", {"type": "string"}, media_type="application/octet-stream")},
+                responses={200: Reply("The file (JavaScript, CSS, PNG or HTML).", {"type": "string"}, media_type="*/*")},
                 errors={404: "No such file."}, path_params={"filename": "e.g. swagger-ui-bundle.js"})
     def docs_asset(filename: str) -> Response:
         if filename not in _ASSETS:

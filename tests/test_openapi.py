@@ -1,0 +1,355 @@
+"""The OpenAPI document: valid OpenAPI 3.1, covering every route, its request schemas enforced by the
+routes exactly as documented, the /docs page served with no internet, and a contract test that
+checks real responses of a running worker against the document."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate as validate_openapi
+
+from api.app import create_app
+from api.config import load_settings
+from api.openapi import openapi_path
+from api.runtime import Runtime
+from tests.servers import ServerProcess
+
+KEY = "docs-key"
+SKIPPED_METHODS = {"HEAD", "OPTIONS"}
+
+
+def make_app(tmp_path: Path, **settings: object) -> Flask:
+    values = {"MODEL_PATH": str(tmp_path)}
+    values.update({key: str(value) for key, value in settings.items()})
+    loaded = load_settings(values, env_file=tmp_path / "no.env")
+    return create_app(loaded, Runtime(loaded))  # models never loaded: validation runs before they are needed
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Flask:
+    return make_app(tmp_path)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def document_of(client: FlaskClient, **headers: str) -> dict[str, Any]:
+    response = client.get("/openapi.json", headers=headers)
+    assert response.status_code == 200, response.text
+    return response.get_json()
+
+
+def resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    return schema
+
+
+def request_schema(document: dict[str, Any], path: str, method: str) -> dict[str, Any] | None:
+    body = document["paths"][path][method].get("requestBody")
+    return resolve(document, body["content"]["application/json"]["schema"]) if body else None
+
+
+# -- the document itself
+
+
+@pytest.mark.parametrize("settings", [{}, {"API_KEY": KEY, "DOCS_PUBLIC": "true"}, {"ROUTE": "/ask"}])
+def test_the_document_is_valid_openapi_3_1(tmp_path: Path, settings: dict[str, str]) -> None:
+    app = make_app(tmp_path, **settings)
+    document = document_of(app.test_client(), **({"X-Api-Key": KEY} if "API_KEY" in settings else {}))
+    assert document["openapi"] == "3.1.0"
+    validate_openapi(document)
+    for schema in document["components"]["schemas"].values():
+        Draft202012Validator.check_schema(schema)
+
+
+def test_every_route_and_method_is_documented(app: Flask, client: FlaskClient) -> None:
+    document = document_of(client)
+    served = {(openapi_path(rule.rule), method.lower()) for rule in app.url_map.iter_rules() if rule.endpoint != "static"
+              for method in (rule.methods or set()) - SKIPPED_METHODS}
+    documented = {(path, method) for path, operations in document["paths"].items() for method in operations}
+    assert documented == served
+    for path in ["/health", "/gpt4all_api", "/v1/chat/completions", "/v1/chat/completions/", "/v1/completions/",
+                 "/v1/models/{requested}", "/v1/engines/{engine_id}", "/v1/health/", "/v0/language-models/retrieve",
+                 "/v0/models", "/generate", "/agenerate", "/embeddings", "/check", "/openapi.json", "/docs"]:
+        assert path in document["paths"], path
+    ids = [operation["operationId"] for operations in document["paths"].values() for operation in operations.values()]
+    assert len(ids) == len(set(ids))
+
+
+def test_the_configured_route_is_the_one_documented(tmp_path: Path) -> None:
+    document = document_of(make_app(tmp_path, ROUTE="/ask").test_client())
+    assert "/ask" in document["paths"] and "/gpt4all_api" not in document["paths"]
+    assert "POST /ask" in document["info"]["description"]
+
+
+def test_the_document_is_generated_from_the_validation_models(client: FlaskClient) -> None:
+    from api.wire import schemas
+
+    document = document_of(client)
+    expected = {"/v1/chat/completions": schemas.ChatCompletionRequest, "/v1/completions": schemas.CompletionRequest,
+                "/v1/embeddings": schemas.EmbeddingRequest, "/gpt4all_api": schemas.OriginalRequest,
+                "/v0/language-models/retrieve": schemas.V0RetrieveRequest, "/generate": schemas.LlmGenerateRequest,
+                "/embeddings": schemas.LlmEmbeddingsRequest}
+    for path, model in expected.items():
+        reference = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert reference == f"#/components/schemas/{model.__name__}"
+        generated = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        generated.pop("$defs", None)
+        assert document["components"]["schemas"][model.__name__] == generated
+
+
+# -- what the document says about request bodies is what the routes enforce
+
+VALID_BODIES: dict[str, dict[str, Any]] = {
+    "/gpt4all_api": {"prompt": "Hi"},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
+    "/v1/completions": {"prompt": "Hi"},
+    "/v1/embeddings": {"input": "Hi"},
+    "/v0/language-models/chat-completions": {"messages": [{"role": "user", "content": "Hi"}]},
+    "/v0/language-models/generate": {"prompt": "Hi"},
+    "/v0/language-models/retrieve": {"model_name": "tiny-chat"},
+    "/generate": {"prompt": "Hi"},
+    "/agenerate": {"prompt": "Hi"},
+    "/embeddings": {"text": "Hi"},
+}
+
+
+def body_operations(document: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for path, operations in document["paths"].items():
+        if "post" in operations and "requestBody" in operations["post"]:
+            yield path, request_schema(document, path, "post")  # type: ignore[misc]
+
+
+def simple_types(document: dict[str, Any], schema: dict[str, Any]) -> set[str] | None:
+    """The JSON types a property accepts, or None when it may also be an object (or anything)."""
+    schema = resolve(document, schema)
+    if "anyOf" in schema:
+        kinds: set[str] = set()
+        for option in schema["anyOf"]:
+            option_kinds = simple_types(document, option)
+            if option_kinds is None:
+                return None
+            kinds |= option_kinds
+        return kinds
+    kind = schema.get("type")
+    return None if kind in (None, "object") else {kind}
+
+
+def test_every_documented_request_body_is_known_here(client: FlaskClient) -> None:
+    assert {path.rstrip("/") for path, _ in body_operations(document_of(client))} == set(VALID_BODIES)
+
+
+def test_documented_required_fields_are_required(client: FlaskClient) -> None:
+    document = document_of(client)
+    for path, schema in body_operations(document):
+        required = schema.get("required", [])
+        assert required, f"{path} documents no required field"
+        response = client.post(path, json={"unrelated": 1})
+        assert response.status_code == 400, (path, response.text)
+        assert response.get_json()["error"]["param"] == required[0], path
+
+
+def test_documented_types_are_enforced_field_by_field(client: FlaskClient) -> None:
+    document = document_of(client)
+    checked = 0
+    for path, schema in body_operations(document):
+        for name, prop in schema["properties"].items():
+            if simple_types(document, prop) is None:
+                continue
+            body = {**VALID_BODIES[path.rstrip("/")], name: {"not": "valid"}}
+            response = client.post(path, json=body)
+            assert response.status_code == 400, (path, name, response.text)
+            assert response.get_json()["error"]["param"] == name, (path, name, response.get_json())
+            checked += 1
+    assert checked > 60
+
+
+def out_of_range(schema: dict[str, Any]) -> list[object]:
+    values: list[object] = []
+    if "minimum" in schema:
+        values.append(schema["minimum"] - 1)
+    if "exclusiveMinimum" in schema:
+        values.append(schema["exclusiveMinimum"])
+    if "maximum" in schema:
+        values.append(schema["maximum"] + 1)
+    if "exclusiveMaximum" in schema:
+        values.append(schema["exclusiveMaximum"])
+    if "enum" in schema:
+        values.append("not-" + str(schema["enum"][0]))
+    return values
+
+
+def test_documented_ranges_and_choices_are_enforced(client: FlaskClient) -> None:
+    document = document_of(client)
+    checked = 0
+    for path, schema in body_operations(document):
+        for name, prop in schema["properties"].items():
+            options = [resolve(document, option) for option in prop.get("anyOf", [prop])]
+            for option in options:
+                for value in out_of_range(option):
+                    response = client.post(path, json={**VALID_BODIES[path.rstrip("/")], name: value})
+                    assert response.status_code == 400, (path, name, value, response.text)
+                    assert response.get_json()["error"]["param"] == name
+                    checked += 1
+    assert checked > 40
+
+
+# -- access to the documentation
+
+
+def test_docs_need_the_key_by_default_when_one_is_set(tmp_path: Path) -> None:
+    client = make_app(tmp_path, API_KEY=KEY).test_client()
+    for path in ["/openapi.json", "/docs", "/docs/static/swagger-ui.css", "/v1/models"]:
+        assert client.get(path).status_code == 401, path
+    assert client.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    document = document_of(client, **{"X-Api-Key": KEY})
+    assert document["security"] == [{"bearer": []}, {"apiKeyHeader": []}]
+    for path in ["/health", "/check", "/v1/health", "/v1/health/"]:
+        assert document["paths"][path]["get"]["security"] == []
+        assert client.get(path).status_code in (200, 503), path  # open: no key needed
+    assert "security" not in document["paths"]["/v0/language-models/retrieve"]["post"]
+    assert "401" in document["paths"]["/v0/language-models/retrieve"]["post"]["responses"]
+
+
+def test_docs_public_opens_only_the_documentation(tmp_path: Path) -> None:
+    client = make_app(tmp_path, API_KEY=KEY, DOCS_PUBLIC="true").test_client()
+    for path in ["/openapi.json", "/docs", "/docs/static/swagger-ui-bundle.js"]:
+        assert client.get(path).status_code == 200, path
+    for method, path in [("get", "/v1/models"), ("post", "/v0/language-models/retrieve"), ("get", "/docsx")]:
+        assert getattr(client, method)(path, json={"model_name": "x"}).status_code == 401, path
+
+
+def test_without_a_key_the_document_has_no_security(client: FlaskClient) -> None:
+    document = document_of(client)
+    assert "security" not in document and "securitySchemes" not in document["components"]
+    assert "401" not in document["paths"]["/v1/chat/completions"]["post"]["responses"]
+
+
+def test_the_docs_page_works_with_no_internet(client: FlaskClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    assert "://" not in html, "the page must not load anything from another host"
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert {"/docs/static/swagger-ui-bundle.js", "/docs/static/swagger-ui.css"} <= set(assets)
+    for asset in assets:
+        response = client.get(asset)
+        assert response.status_code == 200 and len(response.data) > 100, asset
+    assert '"/openapi.json"' in html and "validatorUrl: null" in html
+    assert client.get("/docs/static/../../api/config.py").status_code == 404
+    assert client.get("/docs/static/swagger-editor-bundle.js").status_code == 404
+
+
+# -- the contract: real responses of a running worker match the document
+
+
+def _case(method: str, path: str, body: object = None, status: int = 200, template: str | None = None,
+          headers: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"method": method, "path": path, "body": body, "status": status, "template": template or path,
+            "headers": headers or {}}
+
+
+HI = [{"role": "user", "content": "Hi"}]
+CASES = [
+    _case("get", "/health"),
+    _case("post", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 3}),
+    _case("post", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 3}, headers={"Accept": "application/json"}),
+    _case("post", "/gpt4all_api", {"prompt": 5}, 400),
+    _case("post", "/v1/chat/completions", {"messages": HI, "max_tokens": 3, "n": 2}),
+    _case("post", "/v1/chat/completions/", {"messages": HI, "max_tokens": 3}),
+    _case("post", "/v1/chat/completions", {"messages": HI, "max_tokens": 3, "stream": True,
+                                            "stream_options": {"include_usage": True}}),
+    _case("post", "/v1/chat/completions", {"messages": HI, "model": "gpt-4"}, 404),
+    _case("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]}, 400),
+    _case("post", "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "echo": True}),
+    _case("post", "/v1/completions/", {"prompt": "Hi", "max_tokens": 3, "prompt_template": "Q: %1\nA:"}),
+    _case("post", "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "stream": True}),
+    _case("post", "/v1/completions", {"prompt": "Hi", "prompt_template": "none"}, 400),
+    _case("post", "/v1/embeddings", {"input": ["a", "b"]}),
+    _case("post", "/v1/embeddings/", {"input": "a", "encoding_format": "base64"}),
+    _case("post", "/v1/embeddings", {"input": "a", "model": "ada"}, 404),
+    _case("get", "/v1/models"),
+    _case("get", "/v1/models/tiny-chat", template="/v1/models/{requested}"),
+    _case("get", "/v1/models/nope", status=404, template="/v1/models/{requested}"),
+    _case("get", "/v1/engines"),
+    _case("get", "/v1/engines/"),
+    _case("get", "/v1/engines/tiny-embed", template="/v1/engines/{engine_id}"),
+    _case("get", "/v1/engines/nope", status=404, template="/v1/engines/{engine_id}"),
+    _case("get", "/v1/health"),
+    _case("get", "/v1/health/"),
+    _case("post", "/v0/language-models/chat-completions", {"messages": HI, "max_tokens": 3}),
+    _case("post", "/v0/language-models/generate", {"prompt": "Hi", "max_tokens": 3}),
+    _case("post", "/v0/language-models/generate", {"prompt": "Hi", "model": "nope"}, 404),
+    _case("post", "/v0/language-models/retrieve", {"model_name": "tiny-chat"}),
+    _case("post", "/v0/language-models/retrieve", {"model_name": "nope"}, 403),
+    _case("post", "/v0/language-models/retrieve", {"model_name": "tiny-chat", "model_path": "/etc"}, 400),
+    _case("get", "/v0/models"),
+    _case("post", "/generate", {"prompt": "Hi", "params": {"n_predict": 3}}),
+    _case("post", "/agenerate", {"prompt": "Hi", "params": {"n_predict": 3}}),
+    _case("post", "/agenerate", {"prompt": "Hi", "params": {"temp": -1}}, 400),
+    _case("post", "/embeddings", {"text": "Hi"}),
+    _case("get", "/check"),
+    _case("get", "/openapi.json"),
+    _case("get", "/docs"),
+    _case("get", "/docs/static/swagger-ui.css", template="/docs/static/{filename}"),
+    _case("get", "/docs/static/nope.js", status=404, template="/docs/static/{filename}"),
+]
+
+
+def validate_json(document: dict[str, Any], schema: dict[str, Any], instance: object, where: str) -> None:
+    errors = list(Draft202012Validator({**schema, "components": document["components"]}).iter_errors(instance))
+    assert not errors, f"{where}: {errors[0].message} at {list(errors[0].absolute_path)}"
+
+
+def check_response(document: dict[str, Any], case: dict[str, Any], response: requests.Response) -> None:
+    where = f"{case['method'].upper()} {case['path']} -> {response.status_code}"
+    responses = document["paths"][case["template"]][case["method"]]["responses"]
+    assert str(response.status_code) in responses, f"{where}: status not documented"
+    content = responses[str(response.status_code)].get("content", {})
+    media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+    media = content.get(media_type) or content.get("*/*")
+    assert media is not None, f"{where}: {media_type} not documented (only {list(content)})"
+    if media_type == "application/json":
+        validate_json(document, media["schema"], response.json(), where)
+    elif media_type == "text/event-stream":
+        separator = "\r\n\r\n" if "\r\n" in response.text else "\n\n"
+        events = [block for block in response.text.split(separator) if block]
+        assert events, f"{where}: an empty stream"
+        for block in events:
+            data = "\n".join(line.removeprefix("data: ") for line in block.splitlines() if line.startswith("data: "))
+            if data == "[DONE]":
+                continue
+            event = json.loads(data) if "x-event-data" in media and media["x-event-data"].get("type") != "string" else data
+            validate_json(document, media["x-event-data"], event, where + " (event)")
+
+
+@pytest.fixture(scope="module")
+def worker_document(tiny_worker: ServerProcess) -> dict[str, Any]:
+    return requests.get(tiny_worker.url + "/openapi.json", timeout=10).json()
+
+
+def test_the_contract_cases_cover_every_documented_operation(worker_document: dict[str, Any]) -> None:
+    covered = {(case["template"], case["method"]) for case in CASES if case["status"] < 300}
+    documented = {(path, method) for path, operations in worker_document["paths"].items() for method in operations}
+    assert documented <= covered, f"no successful contract case for {sorted(documented - covered)}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{case['method']} {case['path']} {case['status']}" for case in CASES])
+def test_real_responses_match_the_document(tiny_worker: ServerProcess, worker_document: dict[str, Any],
+                                           case: dict[str, Any]) -> None:
+    response = requests.request(case["method"], tiny_worker.url + case["path"], json=case["body"], headers=case["headers"],
+                                timeout=30)
+    assert response.status_code == case["status"], response.text[:500]
+    check_response(worker_document, case, response)
