@@ -32,6 +32,8 @@ API_VERSION = "0.1.0"
 DOCS_PATH = "/docs"
 DOCUMENT_PATH = "/openapi.json"
 REF_TEMPLATE = "#/components/schemas/{model}"
+TAG_ORDER = ("Original GPT4All API", "OpenAI: chat and completions", "OpenAI: models and embeddings",
+             "Flask GPT4All server (/v0)", "Generic LLM API", "Health", "Documentation")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -216,9 +218,12 @@ def build_document(app: Flask, settings: Settings) -> dict[str, Any]:
                 "/embeddings, /check). Errors are always `{\"error\": {message, type, param, code}}` with a 4xx/5xx "
                 "status. A JSON null counts as an absent field."),
         },
+        "tags": [{"name": name} for name in TAG_ORDER],
         "paths": paths,
         "components": {"schemas": definitions.get("$defs", {})},
     }
+    known = set(TAG_ORDER)
+    document["tags"] += [{"name": tag} for tag in dict.fromkeys(tag for op in operations for tag in op.tags) if tag not in known]
     if keyed:
         document["components"]["securitySchemes"] = {
             "bearer": {"type": "http", "scheme": "bearer", "description": "API_KEY as `Authorization: Bearer <key>`."},

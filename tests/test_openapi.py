@@ -81,7 +81,7 @@ def test_every_route_and_method_is_documented(app: Flask, client: FlaskClient) -
     documented = {(path, method) for path, operations in document["paths"].items() for method in operations}
     assert documented == served
     for path in ["/health", "/gpt4all_api", "/v1/chat/completions", "/v1/chat/completions/", "/v1/completions/",
-                 "/v1/models/{requested}", "/v1/engines/{engine_id}", "/v1/health/", "/v0/language-models/retrieve",
+                 "/v1/models/{model}", "/v1/engines/{engine_id}", "/v1/health/", "/v0/language-models/retrieve",
                  "/v0/models", "/generate", "/agenerate", "/embeddings", "/check", "/openapi.json", "/docs"]:
         assert path in document["paths"], path
     ids = [operation["operationId"] for operations in document["paths"].values() for operation in operations.values()]
@@ -281,8 +281,8 @@ CASES = [
     _case("post", "/v1/embeddings/", {"input": "a", "encoding_format": "base64"}),
     _case("post", "/v1/embeddings", {"input": "a", "model": "ada"}, 404),
     _case("get", "/v1/models"),
-    _case("get", "/v1/models/tiny-chat", template="/v1/models/{requested}"),
-    _case("get", "/v1/models/nope", status=404, template="/v1/models/{requested}"),
+    _case("get", "/v1/models/tiny-chat", template="/v1/models/{model}"),
+    _case("get", "/v1/models/nope", status=404, template="/v1/models/{model}"),
     _case("get", "/v1/engines"),
     _case("get", "/v1/engines/"),
     _case("get", "/v1/engines/tiny-embed", template="/v1/engines/{engine_id}"),
@@ -353,3 +353,14 @@ def test_real_responses_match_the_document(tiny_worker: ServerProcess, worker_do
                                 timeout=30)
     assert response.status_code == case["status"], response.text[:500]
     check_response(worker_document, case, response)
+
+
+def test_access_refusals_match_the_document_too(tmp_path: Path) -> None:
+    client = make_app(tmp_path, API_KEY=KEY).test_client()
+    document = document_of(client, **{"X-Api-Key": KEY})
+    for method, path, template in [("post", "/v0/language-models/retrieve", None), ("post", "/generate", None),
+                                   ("get", "/v1/models/x", "/v1/models/{model}"), ("get", "/openapi.json", None)]:
+        response = getattr(client, method)(path, json={"model_name": "x"})
+        assert response.status_code == 401
+        schema = document["paths"][template or path][method]["responses"]["401"]["content"]["application/json"]["schema"]
+        validate_json(document, schema, response.get_json(), f"{method} {path}")

@@ -328,7 +328,7 @@ def _installed(name: str | None) -> InstalledModel | None:
     return next((model for model in runtime().models.installed() if model.file_name == name), None)
 
 
-@blueprint.get("/models/<path:requested>")
+@blueprint.get("/models/<path:model>")
 @documented(
     "Describe a model; retrieve it first if it is not installed", tags=TAGS_MODELS,
     description="An installed model is described at once. A model that is not installed is downloaded from the model "
@@ -337,9 +337,10 @@ def _installed(name: str | None) -> InstalledModel | None:
     errors={404: "Not installed, and downloads are disabled or the catalog does not list it.",
             502: "The download failed (truncated, wrong checksum, server error).", 504: "The download server stopped answering.",
             507: "Not enough disk space."},
-    path_params={"requested": "A model id or .gguf file name."},
+    path_params={"model": "A model id or .gguf file name."},
 )
-def retrieve_model(requested: str) -> Response:
+def retrieve_model(model: str) -> Response:
+    requested = model
     models = runtime().models
     try:
         name: str | None = file_name_for(requested)

@@ -348,10 +348,11 @@ class V0RetrieveReply(ResponseModel):
 
 
 class V0RetrieveError(ErrorResponse):
-    """A failed retrieval: the /v0 fields beside the usual error object."""
+    """A failed retrieval: the /v0 fields beside the usual error object (not on a 401 or 403 from the
+    access checks, which answer before the route)."""
 
-    success: Literal[False]
-    message: str
+    success: Literal[False] = False
+    message: str | None = None
 
 
 class V0ModelList(ResponseModel):
