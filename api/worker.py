@@ -5,7 +5,7 @@ Standalone (`python -m api`) it binds LISTEN_IP:LISTEN_PORT itself and serves un
 Under the supervisor (`python -m api --worker-id K --sentinel PATH --listen-fd N ...`, see
 supervisor/) it follows the contract in api.protocol:
 - it serves the listening socket the supervisor bound, and the same app on a private loopback
-  port (the *control* port) where the supervisor probes /health;
+  port (the *control* port, its own waitress loop and threads) where the supervisor probes /health;
 - it accepts on the public socket only while READY: not while its model loads, not while an
   inference runs (the next client goes to a spare), never again once it is DRAINING;
 - it reports itself in its sentinel file (state, requests served, token heartbeat);
@@ -38,7 +38,6 @@ from typing import Any, BinaryIO
 import waitress
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
-from waitress.server import BaseWSGIServer
 from waitress.task import WSGITask
 
 from api.app import create_app
@@ -63,6 +62,7 @@ log = logging.getLogger("api.worker")
 EXIT_OK = EXIT_STOPPED
 
 WAITRESS_THREADS = 4
+CONTROL_THREADS = 2  # the control port serves health probes
 PROGRESS_WRITE_INTERVAL = 0.5
 """Seconds between sentinel writes while tokens come: the heartbeat, throttled."""
 FRESH_CONNECTION_GRACE = 1.0
@@ -362,38 +362,39 @@ class SupervisedWorker:
         self.commands = commands
         self.runtime = Runtime(settings, lifecycle)
         app = create_app(settings, self.runtime)
-        self.control = socket.create_server(("127.0.0.1", 0))
-        lifecycle.control_port = self.control.getsockname()[1]
-        self.server = waitress.create_server(app, sockets=[public, self.control], **server_options(settings))
-        servers = [d for d in self.server.map.values() if isinstance(d, BaseWSGIServer)]
-        self.public_server = next(s for s in servers if s.socket is public)
-        self.control_server = next(s for s in servers if s.socket is self.control)
-        for sub in servers:
-            sub.channel_class = WorkerChannel
-            sub.lifecycle = lifecycle
+        # Two servers, each with its own loop and threads: health probes on the control port never
+        # queue behind requests waiting for the model on the public socket (a false "hung").
+        self.public_server = waitress.create_server(app, sockets=[public], **server_options(settings))
+        control = socket.create_server(("127.0.0.1", 0))
+        lifecycle.control_port = control.getsockname()[1]
+        self.control_server = waitress.create_server(
+            app, sockets=[control], **{**server_options(settings), "threads": CONTROL_THREADS})
+        for server in (self.public_server, self.control_server):
+            server.channel_class = WorkerChannel
+            server.lifecycle = lifecycle
         self.public_server.accepting = False  # not before the model is loaded
         lifecycle.set_accepting = self._set_accepting
 
     def _set_accepting(self, accepting: bool) -> None:
         self.public_server.accepting = accepting
-        self.control_server.pull_trigger()  # wake the loop so select() sees the change now
+        self.public_server.pull_trigger()  # wake its loop so select() sees the change now
 
     def _stop_listening(self) -> None:
-        """Close our copy of the public socket (in the loop thread), so that once every process
+        """Close our copy of the public socket (in its loop thread), so that once every process
         has closed its copy, new clients are refused instead of waiting for a stopping service.
         The base close, not the server's: its trigger stays open for the connections in flight."""
         def close() -> None:
             if self.public_server.socket is not None:
                 wasyncore.dispatcher.close(self.public_server)
 
-        self.control_server.trigger.pull_trigger(close)
+        self.public_server.trigger.pull_trigger(close)
 
     def run(self) -> int:
         self.lifecycle.report()
         for target, name in ((self._load, "model-loader"), (self._read_commands, "commands"),
-                             (self._watch_for_exit, "exit-watcher")):
+                             (self._watch_for_exit, "exit-watcher"), (self.control_server.run, "control-server")):
             threading.Thread(target=target, name=name, daemon=True).start()
-        self.server.run()
+        self.public_server.run()
         return EXIT_STOPPED
 
     def _load(self) -> None:
@@ -444,7 +445,7 @@ class SupervisedWorker:
             fresh = not channel.served_requests and now - channel.creation_time < FRESH_CONNECTION_GRACE
             if not busy and not fresh and not channel.will_close:
                 channel.will_close = True  # the loop thread closes it
-                self.control_server.pull_trigger()
+                self.public_server.pull_trigger()
         return done
 
     @staticmethod

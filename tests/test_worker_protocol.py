@@ -87,7 +87,11 @@ def test_ready_worker_serves_and_the_control_port_answers_health(start_worker) -
     assert requests.get(f"http://127.0.0.1:{sentinel.control_port}/health", timeout=5).json()["status"] == "ready"
     response = requests.post(worker.url + "/v1/chat/completions", json=CHAT, timeout=10)
     assert response.status_code == 200 and response.headers["X-Worker-Pid"] == str(worker.process.pid)
-    assert worker.sentinel().requests_served == 1  # type: ignore[union-attr]
+    sentinel = worker.wait_state("READY")  # reported just after the response went out
+    deadline = time.monotonic() + 5
+    while sentinel.requests_served != 1 and time.monotonic() < deadline:
+        sentinel = worker.wait_state("READY")
+    assert sentinel.requests_served == 1 and not sentinel.generating
 
 
 def test_after_its_last_request_the_worker_closes_the_connection_and_exits_served(start_worker) -> None:  # type: ignore[no-untyped-def]
