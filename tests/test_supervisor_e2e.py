@@ -403,6 +403,7 @@ def test_spawned_workers_restart_per_request_and_die_with_a_killed_supervisor(
     session = requests.Session()
     pids = {service.chat(session).headers["X-Worker-Pid"] for _ in range(4)}
     assert len(pids) == 4
+    service.wait_for(lambda: service.ready_count() == 2 and len(service.workers()) == 2, 10, "two idle workers")
     workers = service.workers()
     assert workers and all("--worker-id" in _cmdline(worker) for worker in workers)
     os.kill(service.pid, signal.SIGKILL)
