@@ -181,6 +181,20 @@ class ModelDownloader:
         self._lock = threading.Lock()
         self._jobs: dict[Path, Future[Path]] = {}
         self._catalog: tuple[float, dict[str, CatalogEntry]] | None = None
+        if self.allowed:
+            self.remove_stale_parts()
+
+    def remove_stale_parts(self) -> list[Path]:
+        """Remove part files that stopped growing (their download died with its process)."""
+        removed = []
+        for folder in (self.model_path, *(path for path in self.model_path.glob("*") if path.is_dir())):
+            for part in folder.glob(".*.gguf.part"):
+                with contextlib.suppress(OSError):
+                    if time.time() - part.stat().st_mtime > self._stale_after():
+                        part.unlink()
+                        removed.append(part)
+                        log.info("removed %s, left by a download that died", part.name)
+        return removed
 
     # -- catalog
 

@@ -204,14 +204,17 @@ def test_folders_stay_inside_model_path(tmp_path: Path) -> None:
     base = tmp_path / "models"
     (base / "sub").mkdir(parents=True)
     (tmp_path / "outside").mkdir()
-    (base / "escape").symlink_to(tmp_path / "outside")
+    bad = ["..", "../outside", "sub/../../outside", str(tmp_path / "outside"), "/etc", "missing"]
+    with contextlib.suppress(OSError):  # Windows without the symlink privilege: no symlink to test
+        (base / "escape").symlink_to(tmp_path / "outside")
+        bad.append("escape")
     assert resolve_folder(base, None) == base.resolve()
     assert resolve_folder(base, "sub") == (base / "sub").resolve()
     assert resolve_folder(base, str(base / "sub")) == (base / "sub").resolve()
     assert resolve_folder(base, str(base)) == base.resolve()
-    for bad in ("..", "../outside", "sub/../../outside", str(tmp_path / "outside"), "/etc", "escape", "missing"):
+    for requested in bad:
         with pytest.raises(InvalidRequest) as caught:
-            resolve_folder(base, bad)
+            resolve_folder(base, requested)
         assert caught.value.param == "model_path" and caught.value.status == 400
 
 
@@ -348,6 +351,20 @@ def test_another_process_download_is_awaited_and_a_dead_ones_taken_over(tmp_path
     assert retrieval.path == tmp_path / "other.gguf"
     assert model_server.gets_of("other.gguf") == 0
     assert leftovers(tmp_path) == ["good.gguf", "other.gguf"]
+
+
+def test_part_files_left_by_dead_downloads_are_removed_at_start(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    dead = [tmp_path / ".a.gguf.part", tmp_path / "sub" / ".b.gguf.part"]
+    alive = tmp_path / ".c.gguf.part"
+    for part in [*dead, alive]:
+        part.write_bytes(b"GGUF")
+    for part in dead:
+        os.utime(part, (time.time() - 3600, time.time() - 3600))
+    ModelDownloader(settings_for(tmp_path, ALLOW_DOWNLOAD="false"))
+    assert all(part.exists() for part in dead), "nothing is touched while downloads are off"
+    ModelDownloader(settings_for(tmp_path))
+    assert not any(part.exists() for part in dead) and alive.exists()
 
 
 def test_the_guard_really_refuses_the_internet(loopback_only: list[object]) -> None:
