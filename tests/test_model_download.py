@@ -367,6 +367,29 @@ def test_part_files_left_by_dead_downloads_are_removed_at_start(tmp_path: Path) 
     assert not any(part.exists() for part in dead) and alive.exists()
 
 
+def test_the_default_catalog_is_reached_only_through_a_proxy_the_tests_control(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the worker tests rely on: with HTTPS_PROXY set, even the internet default catalog is asked
+    of the (loopback) proxy, so a recorder there sees every attempt to leave the machine."""
+    from tests.test_legacy_routes import ConnectionRecorder
+
+    recorder = ConnectionRecorder()
+    try:
+        for variable in ("HTTPS_PROXY", "https_proxy"):
+            monkeypatch.setenv(variable, f"http://127.0.0.1:{recorder.port}")
+        for variable in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(variable, raising=False)
+        downloader = ModelDownloader(settings_for(tmp_path))  # MODEL_CATALOG_URL: the default, on the internet
+        assert downloader.catalog_url.startswith("https://")
+        with pytest.raises(DownloadFailed) as caught:
+            downloader.retrieve("Meta-Llama-3-8B-Instruct.Q4_0.gguf")
+        assert caught.value.code == "catalog_unavailable"
+        assert recorder.connections == 1
+    finally:
+        recorder.close()
+    assert leftovers(tmp_path) == []
+
+
 def test_the_guard_really_refuses_the_internet(loopback_only: list[object]) -> None:
     with pytest.raises(ConnectionRefusedError), socket.socket() as sock:
         sock.connect(("192.0.2.1", 80))  # TEST-NET-1: documentation-only, never routed
