@@ -340,7 +340,7 @@ def _installed(name: str | None) -> InstalledModel | None:
     path_params={"model": "A model id or .gguf file name."},
 )
 def retrieve_model(model: str) -> Response:
-    requested = model
+    requested = model  # the client's spelling, for messages
     models = runtime().models
     try:
         name: str | None = file_name_for(requested)
@@ -356,8 +356,7 @@ def retrieve_model(model: str) -> Response:
     try:
         retrieval = downloader().retrieve(name)
     except DownloadDisabled:
-        raise ModelNotFound(f"{missing}. It cannot be retrieved: {DISABLED_MESSAGE}.", param="model",
-                            code="model_not_found") from None
+        raise ModelNotFound(f"{missing}. It cannot be retrieved: {DISABLED_MESSAGE}.", param="model") from None
     found = _installed(retrieval.path.name)
     if found is None:
         raise ModelNotFound(f"the model '{requested}' was retrieved but is not a readable GGUF model", param="model")
