@@ -292,6 +292,7 @@ def create_blueprint() -> Blueprint:
         return jsonify(document_of(current_app._get_current_object()))  # type: ignore[attr-defined]
 
     @blueprint.get(DOCS_PATH)
+    @blueprint.get(DOCS_PATH + "/")
     @documented("Browsable documentation (Swagger UI, served locally)", tags=("Documentation",),
                 responses={200: Reply("An HTML page.", {"type": "string"}, media_type="text/html")})
     def docs_page() -> Response:

@@ -303,6 +303,7 @@ CASES = [
     _case("get", "/check"),
     _case("get", "/openapi.json"),
     _case("get", "/docs"),
+    _case("get", "/docs/"),
     _case("get", "/docs/static/swagger-ui.css", template="/docs/static/{filename}"),
     _case("get", "/docs/static/nope.js", status=404, template="/docs/static/{filename}"),
 ]
