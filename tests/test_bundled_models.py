@@ -29,7 +29,7 @@ from api.bundled_models import (
     prepare_default_models,
     prepare_embedding_model,
 )
-from api.gguf_patch import read_gguf_header
+from api.gguf_file import read_gguf_header
 from tests.tiny_models import build_tiny_chat_model, build_tiny_embedding_model, tiny_embedding_vocab
 
 pytestmark = pytest.mark.bundled

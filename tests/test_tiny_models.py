@@ -11,7 +11,7 @@ import pytest
 from gpt4all import Embed4All, GPT4All
 from gpt4all._pyllmodel import llmodel
 
-from api.gguf_patch import read_gguf_header
+from api.gguf_file import read_gguf_header
 from tests.tiny_models import (
     IM_END_ID,
     TINY_CHAT_REPLY,

@@ -1,4 +1,4 @@
-"""Fast reading of a GGUF file's key/value header, and same-length patches of one string value.
+"""GGUF files: fast reading of the key/value header, and same-length patches of one string value.
 
 `gguf.GGUFReader` parses every array (tokens, merges) and every tensor description: about 2 s on a
 100 MB model. This reader walks only the key/value section, skips arrays without decoding them
@@ -90,7 +90,7 @@ class _Cursor:
 
     def need(self, n: int) -> None:
         if n < 0 or self.pos + n > self.size:
-            raise GGUFFormatError(f"{self.path}: GGUF header is truncated or corrupt (at byte {self.pos})")
+            raise GGUFFormatError(f"{self.path.name}: GGUF header is truncated or corrupt (at byte {self.pos})")
 
     def scalar(self, vtype: int) -> Any:
         size = _SCALAR_SIZES[vtype]
@@ -102,7 +102,7 @@ class _Cursor:
     def string_bytes(self) -> bytes:
         n = self.scalar(T_UINT64)
         if n > _MAX_STRING:
-            raise GGUFFormatError(f"{self.path}: implausible string length {n} at byte {self.pos - 8}")
+            raise GGUFFormatError(f"{self.path.name}: implausible string length {n} at byte {self.pos - 8}")
         self.need(n)
         b = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
@@ -127,7 +127,7 @@ def _read_value(cur: _Cursor, vtype: int, load_array: bool) -> tuple[Any, int | 
     if vtype == T_STRING:
         return cur.string(), None, None
     if vtype != T_ARRAY:
-        raise GGUFFormatError(f"{cur.path}: unknown GGUF value type {vtype} at byte {cur.pos - 4}")
+        raise GGUFFormatError(f"{cur.path.name}: unknown GGUF value type {vtype} at byte {cur.pos - 4}")
     etype = cur.scalar(T_UINT32)
     count = cur.scalar(T_UINT64)
     if etype in _SCALAR_FORMATS:
@@ -152,7 +152,38 @@ def _read_value(cur: _Cursor, vtype: int, load_array: bool) -> tuple[Any, int | 
         # Nested arrays exist in the spec but no model we handle uses them.
         nested = [_read_value(cur, T_ARRAY, load_array)[0] for _ in range(count)]
         return (nested if load_array else None), etype, count
-    raise GGUFFormatError(f"{cur.path}: unknown GGUF array element type {etype}")
+    raise GGUFFormatError(f"{cur.path.name}: unknown GGUF array element type {etype}")
+
+
+SPECIAL_TOKEN_TEXT_KEYS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id"}
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The header's values by key (arrays skipped: None), plus the text of the BOS and EOS tokens
+    as "bos_token" and "eos_token", which chat templates use, looked up without decoding the
+    whole token array."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        if os.fstat(f.fileno()).st_size < 24:
+            raise GGUFFormatError(f"{p.name}: too small to be a GGUF file")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            header = _parse_header(mm, p, False)
+            metadata = {key: found.value for key, found in header.fields.items()}
+            tokens = header.fields.get("tokenizer.ggml.tokens")
+            if tokens is not None and tokens.element_type == T_STRING:
+                for name, id_key in SPECIAL_TOKEN_TEXT_KEYS.items():
+                    token_id = metadata.get(id_key)
+                    if isinstance(token_id, int) and 0 <= token_id < (tokens.count or 0):
+                        metadata[name] = _string_array_item(_Cursor(mm, p), tokens.value_offset + 12, token_id)
+    return metadata
+
+
+def _string_array_item(cur: _Cursor, items_offset: int, index: int) -> str:
+    """The index-th string of a string array whose items start at items_offset (after type and count)."""
+    cur.pos = items_offset
+    for _ in range(index):
+        cur.skip_string()
+    return cur.string()
 
 
 def read_gguf_header(path: str | os.PathLike[str], *, load_arrays: bool | Collection[str] = False) -> GGUFHeader:
@@ -166,7 +197,7 @@ def read_gguf_header(path: str | os.PathLike[str], *, load_arrays: bool | Collec
     with open(p, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 24:
-            raise GGUFFormatError(f"{p}: too small to be a GGUF file ({size} bytes)")
+            raise GGUFFormatError(f"{p.name}: too small to be a GGUF file ({size} bytes)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             return _parse_header(mm, p, load_arrays)
 
@@ -175,15 +206,15 @@ def _parse_header(buf: mmap.mmap, path: Path, load_arrays: bool | Collection[str
     cur = _Cursor(buf, path)
     cur.need(4)
     if bytes(buf[0:4]) != GGUF_MAGIC:
-        raise GGUFFormatError(f"{path}: not a GGUF file (bad magic {bytes(buf[0:4])!r})")
+        raise GGUFFormatError(f"{path.name}: not a GGUF file (bad magic {bytes(buf[0:4])!r})")
     cur.pos = 4
     version = cur.scalar(T_UINT32)
     if version not in SUPPORTED_VERSIONS:
-        raise GGUFFormatError(f"{path}: unsupported GGUF version {version}")
+        raise GGUFFormatError(f"{path.name}: unsupported GGUF version {version}")
     tensor_count = cur.scalar(T_UINT64)
     kv_count = cur.scalar(T_UINT64)
     if kv_count > _MAX_KV:
-        raise GGUFFormatError(f"{path}: implausible key/value count {kv_count}")
+        raise GGUFFormatError(f"{path.name}: implausible key/value count {kv_count}")
     header = GGUFHeader(version=version, tensor_count=tensor_count)
     for _ in range(kv_count):
         key = cur.string()
@@ -192,7 +223,7 @@ def _parse_header(buf: mmap.mmap, path: Path, load_arrays: bool | Collection[str
         load = load_arrays if isinstance(load_arrays, bool) else key in load_arrays
         value, etype, count = _read_value(cur, vtype, load)
         if key in header.fields:
-            raise GGUFFormatError(f"{path}: duplicate metadata key {key!r}")
+            raise GGUFFormatError(f"{path.name}: duplicate metadata key {key!r}")
         header.fields[key] = GGUFField(key, vtype, value, offset, etype, count)
     header.kv_end_offset = cur.pos
     return header
@@ -218,7 +249,7 @@ def read_tensor_infos(path: str | os.PathLike[str]) -> tuple[GGUFHeader, list[GG
     p = Path(path)
     with open(p, "rb") as f:
         if os.fstat(f.fileno()).st_size < 24:
-            raise GGUFFormatError(f"{p}: too small to be a GGUF file")
+            raise GGUFFormatError(f"{p.name}: too small to be a GGUF file")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             header = _parse_header(mm, p, False)
             cur = _Cursor(mm, p)
@@ -228,24 +259,24 @@ def read_tensor_infos(path: str | os.PathLike[str]) -> tuple[GGUFHeader, list[GG
                 name = cur.string()
                 n_dims = cur.scalar(T_UINT32)
                 if n_dims > 8:
-                    raise GGUFFormatError(f"{p}: tensor {name!r} has {n_dims} dimensions")
+                    raise GGUFFormatError(f"{p.name}: tensor {name!r} has {n_dims} dimensions")
                 dims = tuple(cur.scalar(T_UINT64) for _ in range(n_dims))
                 ggml_type = cur.scalar(T_UINT32)
                 offset = cur.scalar(T_UINT64)
                 try:
                     block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
                 except (ValueError, KeyError):
-                    raise GGUFFormatError(f"{p}: tensor {name!r} has unknown type {ggml_type}") from None
+                    raise GGUFFormatError(f"{p.name}: tensor {name!r} has unknown type {ggml_type}") from None
                 n = 1
                 for d in dims:
                     n *= d
                 if n % block:
-                    raise GGUFFormatError(f"{p}: tensor {name!r} size {n} is not a multiple of its block {block}")
+                    raise GGUFFormatError(f"{p.name}: tensor {name!r} size {n} is not a multiple of its block {block}")
                 infos.append(GGUFTensorInfo(name, dims, ggml_type, offset, n // block * type_size))
             end_of_infos = cur.pos
     alignment = header.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment <= 0:
-        raise GGUFFormatError(f"{p}: invalid general.alignment {alignment!r}")
+        raise GGUFFormatError(f"{p.name}: invalid general.alignment {alignment!r}")
     data_start = -(-end_of_infos // alignment) * alignment
     data_end = data_start + max((t.offset + t.nbytes for t in infos), default=0)
     return header, infos, data_end
@@ -266,18 +297,18 @@ def patch_string_value(path: str | os.PathLike[str], key: str, expected: str, re
     header = read_gguf_header(p)
     fld = header.fields.get(key)
     if fld is None:
-        raise KeyError(f"{p}: no metadata key {key!r}")
+        raise KeyError(f"{p.name}: no metadata key {key!r}")
     if fld.type != T_STRING:
-        raise GGUFFormatError(f"{p}: metadata {key!r} is not a string (type {fld.type})")
+        raise GGUFFormatError(f"{p.name}: metadata {key!r} is not a string (type {fld.type})")
     if fld.value == replacement:
         return False
     if fld.value != expected:
-        raise GGUFFormatError(f"{p}: metadata {key!r} is {fld.value!r}, expected {expected!r}")
+        raise GGUFFormatError(f"{p.name}: metadata {key!r} is {fld.value!r}, expected {expected!r}")
     start = fld.value_offset + 8  # skip the u64 length
     with open(p, "r+b") as f:
         f.seek(start)
         if f.read(len(old_b)) != old_b:  # the header parse and the bytes must agree
-            raise GGUFFormatError(f"{p}: metadata {key!r} bytes are not where the header says")
+            raise GGUFFormatError(f"{p.name}: metadata {key!r} bytes are not where the header says")
         f.seek(start)
         f.write(new_b)
         f.flush()

@@ -1,4 +1,4 @@
-"""The fast GGUF header reader: the values serving needs, and clean errors on bad files."""
+"""Reading GGUF metadata: the values serving needs, and clean errors on bad files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from api.gguf_header import GGUFFormatError, read_metadata
+from api.gguf_file import GGUFFormatError, read_metadata
 from tests.tiny_models import TINY_CHAT_TEMPLATE
 
 
@@ -34,5 +34,5 @@ def test_bad_files_raise_a_format_error(tmp_path: Path, content: bytes) -> None:
 def test_truncated_header_is_a_format_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "cut.gguf"
     path.write_bytes((tiny_model_dir / "tiny-chat.gguf").read_bytes()[:300])
-    with pytest.raises(GGUFFormatError, match="truncated"):
+    with pytest.raises(GGUFFormatError, match="truncated or corrupt"):
         read_metadata(path)
