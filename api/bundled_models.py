@@ -528,7 +528,7 @@ def _read_wordpiece_vocab(path: Path) -> list[str]:
     return lines
 
 
-def _phantom(token: str) -> str:
+def llama_wordpiece_form(token: str) -> str:
     """llama.cpp's WordPiece form: word starts get U+2581, "##" continuations lose the marker."""
     if token.startswith("[") and token.endswith("]"):
         return token
@@ -602,7 +602,7 @@ def convert_sentence_transformers_bert(source_dir: Path, dest: Path, *, model_na
     n_listed = len(vocab_txt)
     # Rows without a vocab.txt line get an UNUSED placeholder, as convert_hf_to_gguf.py does.
     vocab_txt += [f"[PAD{i}]" for i in range(n_listed, n_vocab)]
-    tokens = unique_vocab([_phantom(t) for t in vocab_txt])
+    tokens = unique_vocab([llama_wordpiece_form(t) for t in vocab_txt])
 
     specials: dict[str, int] = {}
     for kind, default in (("unk", "[UNK]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"), ("mask", "[MASK]")):

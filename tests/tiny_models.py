@@ -40,6 +40,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from api.bundled_models import llama_wordpiece_form
+
 TINY_CHAT_REPLY: str = "abcdefghijklmnopqrstuvwxyz"
 """The exact greedy reply of the tiny chat model after a prompt that ends in a newline."""
 
@@ -189,15 +191,6 @@ def tiny_embedding_vocab() -> list[str]:
     return vocab
 
 
-def _phantom(tok: str) -> str:
-    """llama.cpp's WordPiece form: word starts get U+2581, "##" continuations lose their marker."""
-    if tok.startswith("[") and tok.endswith("]"):
-        return tok
-    if tok.startswith("##"):
-        return tok[2:]
-    return "\u2581" + tok
-
-
 def build_tiny_embedding_model(path: Path, *, vocab: Sequence[str] | None = None) -> Path:
     """Write the tiny BERT embedding model to `path` (a file name ending in .gguf) and return the path.
 
@@ -206,7 +199,7 @@ def build_tiny_embedding_model(path: Path, *, vocab: Sequence[str] | None = None
     deliberately broken model (gpt4all aborts the process on a duplicate entry).
     """
     path = Path(path)
-    vocab = [_phantom(t) for t in (tiny_embedding_vocab() if vocab is None else vocab)]
+    vocab = [llama_wordpiece_form(t) for t in (tiny_embedding_vocab() if vocab is None else vocab)]
     token_types = [
         int(gguf.TokenType.CONTROL) if t.startswith("[") and t.endswith("]") else int(gguf.TokenType.NORMAL) for t in vocab
     ]
