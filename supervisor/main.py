@@ -137,8 +137,14 @@ class Supervisor:
         waker = self.waker
 
         class SentinelEvents(FileSystemEventHandler):
+            # Only writes: the loop's own reads raise "opened"/"closed_no_write" events, and
+            # waking on those would make the loop wake itself forever.
+            WAKING = frozenset({"moved", "created", "modified", "deleted"})
+
             def on_any_event(self, event: FileSystemEvent) -> None:
-                waker.wake()
+                path = event.dest_path if event.event_type == "moved" else event.src_path
+                if event.event_type in self.WAKING and is_sentinel_name(os.path.basename(os.fsdecode(path))):
+                    waker.wake()
 
         observer = Observer()
         observer.schedule(SentinelEvents(), str(run_dir), recursive=False)

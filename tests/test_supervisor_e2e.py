@@ -409,3 +409,14 @@ def test_spawned_workers_restart_per_request_and_die_with_a_killed_supervisor(
     os.kill(service.pid, signal.SIGKILL)
     _, alive = psutil.wait_procs(workers, timeout=2)
     assert alive == []
+
+
+def test_the_supervisor_sleeps_while_nothing_happens(start_service: Callable[..., Service]) -> None:
+    """Its loop wakes on sentinel writes, not on its own reads of them (inotify reports both)."""
+    service = start_service()
+    service.wait_for(lambda: service.ready_count() == 2, 10, "two ready workers")
+    supervisor = psutil.Process(service.pid)
+    before = supervisor.cpu_times()
+    time.sleep(3)
+    after = supervisor.cpu_times()
+    assert (after.user - before.user) + (after.system - before.system) < 0.3
