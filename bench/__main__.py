@@ -1,17 +1,24 @@
-"""python -m bench: start the real daemon on a free loopback port, measure, print a table, write JSON."""
+"""python -m bench: start the real daemon on free loopback ports, run the scenarios, print a table
+per scenario and write every figure as JSON. Figures sit beside a baseline measured in the same run."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bench import growth, measure, overhead
+from bench import concurrency, growth, measure, overhead
 from tests.servers import PYTHON, REPO, ServerProcess, base_env, free_port
 
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SCENARIOS = ("overhead", "growth", "concurrency")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -19,36 +26,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="chat model (.gguf) to measure")
     parser.add_argument("--threads", type=int, default=2, help="inference threads, the same for daemon and baseline")
     parser.add_argument("--runs", type=int, default=15, help="repetitions of each measurement")
-    parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few repetitions, under two minutes")
     parser.add_argument("--server", choices=["supervisor", "worker"], default="supervisor",
-                        help="measure the whole daemon (watchdog_main.py) or one bare worker (python -m api)")
-    parser.add_argument("--only", choices=["overhead", "growth"], action="append",
-                        help="run only these scenarios (repeatable); default: all")
+                        help="overhead and growth: the whole daemon (watchdog_main.py) or one bare worker (python -m api)")
+    parser.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios (repeatable)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "latest.json")
     return parser.parse_args(argv)
 
 
-def start_daemon(args: argparse.Namespace, tmp: Path) -> ServerProcess:
-    port = free_port()
-    env = base_env(MODEL_PATH=args.model.parent, MODEL_NAME=args.model.name, N_THREADS=args.threads, LISTEN_PORT=port,
-                   LOG_FOLDER_NAME=tmp / "logs", WATCHDOG_TEMPFILE=tmp / "run", EMBEDDING_MODEL_NAME="none.gguf")
-    command = [PYTHON, "watchdog_main.py"] if args.server == "supervisor" else [PYTHON, "-m", "api"]
-    return ServerProcess(command, env, port, tmp / "daemon.log").start()
+class Daemons:
+    """Starts daemons on free ports for the scenarios, each with its own settings, and stops them."""
+
+    def __init__(self, args: argparse.Namespace, folder: Path) -> None:
+        self.args = args
+        self.folder = folder
+
+    @contextlib.contextmanager
+    def start(self, server: str = "supervisor", *, workers: int = 1, threads: int | None = None,
+              **settings: object) -> Iterator[int]:
+        port = free_port()
+        home = Path(tempfile.mkdtemp(dir=self.folder))
+        env = base_env(MODEL_PATH=self.args.model.parent, MODEL_NAME=self.args.model.name, LISTEN_PORT=port,
+                       N_THREADS=threads or self.args.threads, WORKERS=workers, LOG_FOLDER_NAME=home / "logs",
+                       WATCHDOG_TEMPFILE=home / "run", EMBEDDING_MODEL_NAME="none.gguf", **settings)
+        command = [PYTHON, "watchdog_main.py"] if server == "supervisor" else [PYTHON, "-m", "api"]
+        daemon = ServerProcess(command, env, port, home / "daemon.log").start()
+        try:
+            daemon.wait_ready(timeout=120)
+            yield port
+        finally:
+            daemon.stop()
 
 
-def print_table(scenario: str, results: dict[str, dict[str, float]]) -> None:
-    print(f"\n{scenario}\n{'figure':<28}{'daemon':>12}{'in-process':>12}{'added':>10}{'ratio':>8}")
-    for name, row in results.items():
-        if "daemon_ms" in row:
-            print(f"{name:<28}{row['daemon_ms']:>10.1f}ms{row['in_process_ms']:>10.1f}ms{row['added_ms']:>8.1f}ms"
-                  f"{row['ratio']:>8.3f}")
-        else:
-            print(f"{name:<28}{row['daemon']:>12.1f}{row['in_process']:>12.1f}{'':>10}{row['ratio']:>8.3f}")
+def print_table(scenario: str, rows: dict[str, dict[str, float]]) -> None:
+    columns = list(dict.fromkeys(key for row in rows.values() for key in row))
+    width = max(len(name) for name in rows) + 2
+    print(f"\n{scenario}\n{'':<{width}}" + "".join(f"{column:>16}" for column in columns))
+    for name, row in rows.items():
+        print(f"{name:<{width}}" + "".join(f"{row.get(column, ''):>16}" for column in columns))
+
+
+def run_scenarios(args: argparse.Namespace, daemons: Daemons, runs: int) -> dict[str, dict[str, dict[str, float]]]:
+    chosen = args.only or list(SCENARIOS)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    if {"overhead", "growth"} & set(chosen):
+        baseline = overhead.InProcess.load(args.model, args.threads, n_ctx=2048)
+        with daemons.start(args.server) as port:
+            paired: dict[str, Callable[[int, overhead.InProcess, int], dict[str, dict[str, float]]]] = {
+                "overhead": overhead.run, "growth": growth.run}
+            for name, scenario in paired.items():
+                if name in chosen:
+                    results[name] = scenario(port, baseline, runs)
+        baseline.model.close()
+    if "concurrency" in chosen:
+        results["concurrency"] = concurrency.run(daemons.start, requests_per_client=2 if args.quick else 6)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tempfile
-
     args = parse_args(argv)
     if not args.model.is_file():
         print(f"bench: model not found: {args.model} (run ./start.sh once, or pass --model)", file=sys.stderr)
@@ -56,24 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     runs = 3 if args.quick else args.runs
     if args.quick:
         measure.SETTLE_SECONDS = 0.02  # a smoke run checks that everything works, not the figures
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        daemon = start_daemon(args, Path(tmp))
-        try:
-            daemon.wait_ready(timeout=120)
-            baseline = overhead.InProcess.load(args.model, args.threads, n_ctx=2048)
-            scenarios = {"overhead": overhead.run, "growth": growth.run}
-            chosen = args.only or list(scenarios)
-            results = {name: scenarios[name](daemon.port, baseline, runs) for name in chosen}
-        finally:
-            daemon.stop()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-") as folder:
+        results = run_scenarios(args, Daemons(args, Path(folder)), runs)
     report = {"model": args.model.name, "server": args.server, "threads": args.threads, "runs": runs,
-              "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
-              "scenarios": results}
+              "quick": args.quick, "seconds": round(time.monotonic() - started, 1),
+              "machine": {"python": platform.python_version(), "cpus": os.cpu_count()}, "scenarios": results}
     for scenario, rows in results.items():
         print_table(scenario, rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwritten to {args.json}")
+    print(f"\nwritten to {args.json} ({report['seconds']} s)")
     return 0
 
 

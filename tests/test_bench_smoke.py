@@ -22,8 +22,9 @@ def test_quick_bench_completes_and_writes_json(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["scenarios"]) == {"overhead", "growth"}
-    for rows in report["scenarios"].values():
-        for row in rows.values():
-            assert row["ratio"] > 0
+    assert set(report["scenarios"]) == {"overhead", "growth", "concurrency"}
+    assert all(row["failures"] == 0 and row["requests_per_second"] > 0
+               for row in report["scenarios"]["concurrency"].values())
+    for scenario in ("overhead", "growth"):
+        assert all(row["ratio"] > 0 for row in report["scenarios"][scenario].values())
     assert "one_token_request" in result.stdout
