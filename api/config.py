@@ -174,7 +174,8 @@ FIELDS: tuple[Field, ...] = (
     # -- models and inference
     Field("EMBEDDING_MODEL_NAME", "all-MiniLM-L6-v2.f16.gguf", _model_file_name,
           "Embedding model for /v1/embeddings: a bare .gguf file name inside MODEL_PATH (bundled by default)."),
-    Field("N_THREADS", "0", _integer(0, 512), "CPU threads per worker for inference (0: cores divided by WORKERS)."),
+    Field("N_THREADS", "0", _integer(0, 512), "CPU threads per worker for inference (0: cores divided by WORKERS, one core left for "
+          "loading replacements when RESTART_AFTER_REQUESTS is on)."),
     Field("N_CTX", "2048", _integer(64, 131072), "Context window in tokens (prompt + reply)."),
     Field("DEVICE", "cpu", _device, "Where inference runs: cpu, or a GPU backend such as kompute, cuda, cuda:<name>."),
     Field("DEFAULT_MAX_TOKENS", "512", _integer(1), "Reply length limit when a request does not set max_tokens."),
@@ -277,7 +278,11 @@ class Settings:
     def threads_per_worker(self) -> int:
         if self.n_threads:
             return self.n_threads
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        cores = os.cpu_count() or 1
+        # With restarts, a replacement loads while a worker generates: leave it a core, or llama.cpp's
+        # busy-waiting threads and the loader slow each other down (measured on 2 cores: 4x per request).
+        reserved = 1 if self.restart_after_requests and cores > 1 else 0
+        return max(1, (cores - reserved) // self.workers)
 
     def public(self) -> dict[str, Any]:
         """The settings as loggable values, with the secret left out."""
