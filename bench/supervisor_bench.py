@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import signal
 import statistics
@@ -116,38 +117,55 @@ def sequential(daemon: ServerProcess, count: int) -> tuple[float, int]:
     return time.perf_counter() - started, len(pids)
 
 
+def auto_threads(**settings: object) -> int:
+    """The threads per worker the daemon picks with N_THREADS=0 (api.config)."""
+    from api.config import load_settings
+
+    environ = {key: str(value) for key, value in settings.items()}
+    return load_settings(environ, env_file=Path(os.devnull)).threads_per_worker
+
+
 def restart_cost(args: argparse.Namespace) -> None:
     print(f"\n1. {args.requests} sequential chat requests (max_tokens {CHAT['max_tokens']}), best of {args.repeats}")
-    print(f"{'':<34}{'seconds':>9}{'req/s':>8}{'workers':>9}{'vs never':>10}")
-    for method in ("forkserver", "spawn"):
-        times: dict[int, tuple[float, int]] = {}
-        for restart_after in (0, 1):
-            with service(args.model, args.threads, RESTART_AFTER_REQUESTS=restart_after, WORKER_START_METHOD=method) as d:
-                sequential(d, 3)  # warm-up
-                runs = [sequential(d, args.requests) for _ in range(args.repeats)]
-                times[restart_after] = min(runs)
-        for restart_after, (seconds, workers) in times.items():
-            label = f"{method}, RESTART_AFTER_REQUESTS={restart_after}"
-            ratio = seconds / times[0][0]
-            print(f"{label:<34}{seconds:>9.2f}{args.requests / seconds:>8.1f}{workers:>9}{ratio:>9.2f}x")
+    print(f"{'':<44}{'threads':>8}{'seconds':>9}{'req/s':>8}{'workers':>9}{'ratio':>8}")
+    restart_threads = args.threads or auto_threads(RESTART_AFTER_REQUESTS=1)
+    plain_threads = args.threads or auto_threads(RESTART_AFTER_REQUESTS=0)
+    rows = [("never restart (RESTART_AFTER_REQUESTS=0)", 0, plain_threads, "forkserver")]
+    if restart_threads != plain_threads:
+        rows.append(("never restart, same threads as below", 0, restart_threads, "forkserver"))
+    rows += [("restart per request, fork server", 1, restart_threads, "forkserver"),
+             ("restart per request, spawn", 1, restart_threads, "spawn")]
+    baseline = None
+    for label, restart_after, threads, method in rows:
+        with service(args.model, threads, RESTART_AFTER_REQUESTS=restart_after, WORKER_START_METHOD=method) as daemon:
+            sequential(daemon, 3)  # warm-up
+            seconds, workers = min(sequential(daemon, args.requests) for _ in range(args.repeats))
+        baseline = baseline or seconds
+        print(f"{label:<44}{threads:>8}{seconds:>9.2f}{args.requests / seconds:>8.1f}{workers:>9}{seconds / baseline:>7.2f}x")
+    print("   (ratio: time against the first row; the second row is the same thread count without restarts)")
 
 
 # -- 2. SIGKILL of a busy worker
 
 
 def kill_recovery(args: argparse.Namespace) -> None:
-    samples = []
+    quick = {**CHAT, "max_tokens": 1}
+    samples, plain = [], []
     with service(args.model, args.threads, RESTART_AFTER_REQUESTS=0) as daemon:
-        for _ in range(args.repeats):
+        for _ in range(args.repeats + 2):
+            started = time.perf_counter()
+            requests.post(daemon.url + "/v1/chat/completions", json=quick, timeout=60).raise_for_status()
+            plain.append(time.perf_counter() - started)
             start_long_generation(daemon)
             pid = int(wait_until_value(lambda: generating_worker(daemon), 30))
             psutil.Process(pid).send_signal(signal.SIGKILL)
             killed = time.perf_counter()
-            requests.post(daemon.url + "/v1/chat/completions", json=CHAT, timeout=60).raise_for_status()
+            requests.post(daemon.url + "/v1/chat/completions", json=quick, timeout=60).raise_for_status()
             samples.append(time.perf_counter() - killed)
             wait_until(lambda: ready_workers(daemon) >= 2, 60)
-    print(f"\n2. SIGKILL of a generating worker -> next request answered: median {statistics.median(samples) * 1000:.0f} ms "
-          f"(of {len(samples)}: {', '.join(f'{s * 1000:.0f}' for s in samples)} ms; includes that request's own generation)")
+    print(f"\n2. SIGKILL of a generating worker -> next 1-token request answered: median {statistics.median(samples) * 1000:.0f} ms "
+          f"(runs: {', '.join(f'{s * 1000:.0f}' for s in samples)} ms); the same request with no kill: "
+          f"{statistics.median(plain) * 1000:.0f} ms")
 
 
 def wait_until_value(getter, timeout: float) -> object:  # type: ignore[no-untyped-def]
@@ -175,13 +193,13 @@ def stop_detection(args: argparse.Namespace) -> None:
                 hung_after, gone_after = freeze(daemon, pid)
                 detected.append(hung_after)
                 gone.append(gone_after)
-                wait_until(lambda: ready_workers(daemon) >= 2, 60)
         what = "a generating worker (no progress)" if busy else "an idle worker (health probes)"
         print(f"   {what:<36} hung after {statistics.median(detected):.2f} s, gone after {statistics.median(gone):.2f} s")
 
 
 def freeze(daemon: ServerProcess, pid: int) -> tuple[float, float]:
-    """SIGSTOP `pid`; seconds until the supervisor logs it as hung, and until it is gone."""
+    """SIGSTOP `pid`; seconds until the supervisor logs it as hung, and until it is gone.
+    Returns once its replacement is ready."""
     process = psutil.Process(pid)
     pattern = re.compile(rf"\(pid {pid}\) seems hung")
     process.send_signal(signal.SIGSTOP)
@@ -189,7 +207,10 @@ def freeze(daemon: ServerProcess, pid: int) -> tuple[float, float]:
     wait_until(lambda: bool(pattern.search(log_text(daemon))), 60, step=0.01)
     hung_after = time.monotonic() - stopped
     wait_until(lambda: not process.is_running() or process.status() == psutil.STATUS_ZOMBIE, 60, step=0.01)
-    return hung_after, time.monotonic() - stopped
+    gone_after = time.monotonic() - stopped
+    # replaced, and its sentinel removed (reaped), before the next round picks a worker
+    wait_until(lambda: ready_workers(daemon) >= 2 and pid not in {s.pid for s in sentinels(daemon)}, 60)
+    return hung_after, gone_after
 
 
 # -- 4. memory
@@ -224,7 +245,7 @@ def memory(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="N_THREADS for the daemon (0: its automatic choice)")
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="10 requests, one repeat: a smoke run")
@@ -234,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_file():
         print(f"supervisor_bench: model not found: {args.model} (run ./start.sh once, or pass --model)", file=sys.stderr)
         return 2
-    print(f"model {args.model.name}, {args.threads} threads, {psutil.cpu_count()} CPUs")
+    print(f"model {args.model.name}, N_THREADS={args.threads}, {psutil.cpu_count()} CPUs")
     restart_cost(args)
     kill_recovery(args)
     stop_detection(args)

@@ -230,7 +230,6 @@ class Arbiter:
         self.ready_notified = False
         self.unavailable_since: float | None = None  # since when the 503 fallback answers
         self.next_watchdog_at = 0.0
-        self.spawned = 0  # total, for tests and the benchmark
 
     # -- the loop
 
@@ -253,7 +252,8 @@ class Arbiter:
         return self.stopping_since is not None
 
     def alive(self) -> list[WorkerHandle]:
-        return [handle for handle in self.workers.values() if handle.phase is not Phase.EXITED]
+        """Every worker not reaped yet (reaping removes a worker from the pool)."""
+        return list(self.workers.values())
 
     def in_phase(self, *phases: Phase) -> list[WorkerHandle]:
         return [handle for handle in self.workers.values() if handle.phase in phases]
@@ -551,7 +551,6 @@ class Arbiter:
         handle = WorkerHandle(spec.worker_id, child, self.generation, spawned_at=now, phase_since=now,
                               progress_seen_at=now)
         self.workers[spec.worker_id] = handle
-        self.spawned += 1
         log.debug("%s started (restart after %s request(s))", handle.name, spec.restart_after or "no limit of")
         return handle
 
