@@ -68,12 +68,16 @@ class Waker:
 
 def bind_listener(settings: Settings) -> socket.socket:
     family = socket.AF_INET6 if ":" in settings.listen_ip else socket.AF_INET
-    address = (settings.listen_ip, settings.listen_port)
+    listener = socket.socket(family, socket.SOCK_STREAM)
     try:
-        listener = socket.create_server(address, family=family, backlog=1024)
-        if os.name == "nt":  # create_server sets no reuse option on Windows; make the bind exclusive
+        if os.name == "nt":  # an exclusive bind: Windows' SO_REUSEADDR would let another server share the port
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)  # type: ignore[attr-defined]
+        else:  # restart at once even while old connections linger in TIME_WAIT
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((settings.listen_ip, settings.listen_port))
+        listener.listen(1024)
     except OSError as error:
+        listener.close()
         raise StartupError(f"cannot listen on {settings.listen_ip}:{settings.listen_port}: {error.strerror or error}; "
                            "is another server running there? Stop it or set LISTEN_PORT") from None
     listener.setblocking(False)  # workers (waitress) and the fallback accept without blocking
