@@ -14,12 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 import requests
 
 from tests.conftest import TINY_CHAT, TINY_EMBED
 from tests.test_supervisor_e2e import ENDLESS, Service
 from tests.test_supervisor_e2e import start_service as start_service  # the fixture, shared
-from tests.tiny_models import TINY_CHAT_REPLY
+from tests.tiny_models import TINY_CHAT_REPLY, build_tiny_embedding_model, tiny_embedding_vocab
 
 
 def gone(pid: int) -> bool:
@@ -96,22 +97,34 @@ def test_a_generation_over_request_timeout_gets_a_504_and_its_worker_is_recycled
     assert "seems hung" not in service.log(), "the worker stopped the generation itself: no kill needed"
 
 
-def write_broken_model(path: Path) -> None:
+def write_random_bytes(path: Path) -> None:
     path.write_bytes(os.urandom(4096))
 
 
+def write_aborting_embedding_model(path: Path) -> None:
+    """A duplicate vocabulary entry makes llama.cpp abort the whole process (SIGABRT) at load."""
+    vocab = tiny_embedding_vocab()
+    build_tiny_embedding_model(path, vocab=[*vocab, vocab[-1]])
+
+
+@pytest.mark.parametrize(("broken_file", "break_it", "symptom"), [
+    (TINY_CHAT, write_random_bytes, "exited with code 11 (the model could not be loaded) while loading its model: "
+                                    "the model tiny-chat.gguf could not be loaded"),
+    (TINY_EMBED, write_aborting_embedding_model, "killed by SIGABRT while loading its model"),
+], ids=["unreadable-chat-model", "embedding-model-that-aborts"])
 def test_a_broken_model_backs_off_answers_503_and_recovers_once_fixed(
-        start_service: Callable[..., Service], tiny_model_dir: Path, tmp_path: Path) -> None:
+        start_service: Callable[..., Service], tiny_model_dir: Path, tmp_path: Path, broken_file: str,
+        break_it: Callable[[Path], None], symptom: str) -> None:
     models = tmp_path / "models"
     models.mkdir()
-    shutil.copy(tiny_model_dir / TINY_EMBED, models / TINY_EMBED)
-    write_broken_model(models / TINY_CHAT)
+    for name in (TINY_CHAT, TINY_EMBED):
+        shutil.copy(tiny_model_dir / name, models / name)
+    break_it(models / broken_file)
     service = start_service(wait=False, model_dir=models, RESTART_BACKOFF_MAX=2)
     # clients get a clear 503, not a hanging connection
-    [response] = service.wait_for(lambda: _unavailable(service), 15, "the 503 fallback")  # type: ignore[misc]
+    [response] = service.wait_for(lambda: _unavailable(service), 20, "the 503 fallback")  # type: ignore[misc]
     error = response.json()["error"]
-    assert error["code"] == "service_unavailable" and "could not be loaded" in error["message"]
-    assert "exited with code 11" in error["message"]
+    assert error["code"] == "service_unavailable" and symptom in error["message"], error
     assert 1 <= int(response.headers["Retry-After"]) <= 3
     # no restart storm: count the workers started over four seconds
     first = _spawned(service)
@@ -120,9 +133,10 @@ def test_a_broken_model_backs_off_answers_503_and_recovers_once_fixed(
     assert 1 <= spawned <= 5, f"{spawned} workers started in 4 s"
     assert "failures in a row: the next worker starts in" in service.log()
     # repaired: it recovers by itself
-    shutil.copy(tiny_model_dir / TINY_CHAT, models / "fixed.tmp")
-    os.replace(models / "fixed.tmp", models / TINY_CHAT)
+    shutil.copy(tiny_model_dir / broken_file, models / "fixed.tmp")
+    os.replace(models / "fixed.tmp", models / broken_file)
     service.wait_for(lambda: _ok(service), 15, "recovery after the model file was fixed")
+    assert "the service is back after" in service.log()
 
 
 def _unavailable(service: Service) -> list[requests.Response]:
