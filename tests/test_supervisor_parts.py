@@ -1,0 +1,134 @@
+"""The supervisor's small parts in-process: sd_notify, the pid file lock, the 503 fallback, the
+log writer, the wake-up socket pair."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from supervisor.fallback import FallbackResponder
+from supervisor.logs import LogWriter
+from supervisor.main import Waker
+from supervisor.notify import SystemdNotifier
+from supervisor.pidfile import AlreadyRunning, PidFile
+
+
+def test_notify_sends_datagrams_to_a_path_and_to_the_abstract_namespace(tmp_path: Path) -> None:
+    for address in (str(tmp_path / "notify.sock"), f"@gpt4all-api-test-{os.getpid()}"):
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.bind(address.replace("@", "\0", 1) if address.startswith("@") else address)
+        receiver.settimeout(2)
+        try:
+            notifier = SystemdNotifier({"NOTIFY_SOCKET": address})
+            notifier("READY=1\nSTATUS=serving")
+            assert receiver.recv(100) == b"READY=1\nSTATUS=serving"
+            notifier.close()
+        finally:
+            receiver.close()
+
+
+def test_notify_is_silent_without_systemd_and_reads_the_watchdog_interval() -> None:
+    SystemdNotifier({})("READY=1")  # no socket: nothing happens
+    assert SystemdNotifier({"WATCHDOG_USEC": "30000000"}).watchdog_interval == 15.0
+    assert SystemdNotifier({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}).watchdog_interval is None
+    assert SystemdNotifier({"WATCHDOG_USEC": "nonsense"}).watchdog_interval is None
+
+
+def test_pid_file_is_locked_while_held_and_free_after_the_holder_dies(tmp_path: Path) -> None:
+    first = PidFile(tmp_path)
+    first.acquire()
+    assert first.path.read_text() == f"{os.getpid()}\n"
+    # another process cannot take it (flock is per open file, so a second process is the honest test)
+    probe = f"from pathlib import Path; from supervisor.pidfile import PidFile; PidFile(Path(r'{tmp_path}')).acquire()"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert result.returncode != 0 and f"another supervisor (pid {os.getpid()}) is already running" in result.stderr
+    first.release()
+    assert not first.path.exists()
+    # a stale file left by a killed supervisor does not block: the lock died with it
+    first.path.write_text("99999\n")
+    second = PidFile(tmp_path)
+    second.acquire()
+    assert second.path.read_text() == f"{os.getpid()}\n"
+    second.release()
+
+
+def test_already_running_message_is_one_sentence(tmp_path: Path) -> None:
+    message = str(AlreadyRunning(tmp_path / "supervisor.pid", "123"))
+    assert "\n" not in message and message.startswith("another supervisor (pid 123) is already running")
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def test_fallback_answers_503_json_with_retry_after_only_while_enabled(listener: socket.socket) -> None:
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    fallback = FallbackResponder(listener)
+    try:
+        fallback.enable("No worker can serve requests right now: the model is broken.", 7)
+        response = requests.post(url + "/v1/chat/completions", json={"messages": []}, timeout=5)
+        assert response.status_code == 503 and response.headers["Retry-After"] == "7"
+        assert response.json() == {"error": {"message": "No worker can serve requests right now: the model is broken.",
+                                             "type": "server_error", "param": None, "code": "service_unavailable"}}
+        fallback.disable()
+        with pytest.raises(requests.Timeout):  # disabled: nobody accepts, the client waits in the backlog
+            requests.get(url + "/health", timeout=0.5)
+        assert fallback.answered == 1
+    finally:
+        fallback.close()
+
+
+def test_log_writer_tags_worker_lines_splits_long_ones_and_rotates(tmp_path: Path) -> None:
+    console = io.StringIO()
+    writer = LogWriter(tmp_path, max_bytes=4096, backups=2, console=console).start()
+    logger = logging.getLogger("supervisor.test")
+    try:
+        logger.info("worker %d crashed", 3)
+        read_end, write_end = os.pipe()
+        done = threading.Event()
+        writer.follow(os.fdopen(read_end, "rb"), "worker 3 pid 42", on_eof=done.set)
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(b"INFO api.worker: ready\nllama.cpp: no newline at the end")
+        assert done.wait(5)
+        for index in range(100):
+            logger.info("filler line %d", index)
+    finally:
+        writer.stop()
+    text = "".join(path.read_text() for path in sorted(tmp_path.glob("gpt4all-api.log*")))
+    assert "[supervisor] INFO worker 3 crashed" in console.getvalue()
+    assert "[worker 3 pid 42] INFO api.worker: ready" in console.getvalue()
+    assert "[worker 3 pid 42] llama.cpp: no newline at the end" in console.getvalue()
+    assert (tmp_path / "gpt4all-api.log.1").exists() and not (tmp_path / "gpt4all-api.log.3").exists()
+    assert "filler line 99" in text
+
+
+def test_waker_wakes_a_waiting_loop_at_once_and_is_safe_to_call_often() -> None:
+    waker = Waker()
+    try:
+        started = time.monotonic()
+        threading.Timer(0.05, waker.wake).start()
+        waker.wait(5)
+        assert time.monotonic() - started < 1
+        for _ in range(100000):  # more than the socket buffer holds: wake() never blocks
+            waker.wake()
+        waker.wait(0)
+        started = time.monotonic()
+        waker.wait(0.1)
+        assert time.monotonic() - started >= 0.09, "drained: no stale wake-ups left"
+    finally:
+        waker.close()
