@@ -36,7 +36,6 @@ from api.config import PROJECT_ROOT
 from api.protocol import Sentinel, read_sentinel, sentinel_path
 from supervisor.arbiter import WorkerSpec
 from supervisor.logs import LogWriter
-from supervisor.notify import SYSTEMD_VARIABLES
 
 IS_WINDOWS = os.name == "nt"
 
@@ -198,11 +197,9 @@ class RealProcessOps:
 
     def _spawn(self, spec: WorkerSpec, arguments: list[str], sentinel: Path) -> WorkerProcess:
         command = [self.python, "-m", "api", *arguments, "--parent-pid", str(os.getpid())]
-        env = {key: value for key, value in os.environ.items() if key not in SYSTEMD_VARIABLES}
-        env["PYTHONUNBUFFERED"] = "1"
         options: dict[str, object] = {
             "stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT,
-            "cwd": PROJECT_ROOT, "env": env,
+            "cwd": PROJECT_ROOT, "env": {**os.environ, "PYTHONUNBUFFERED": "1"},  # systemd's variables already removed
         }
         if IS_WINDOWS:
             from supervisor.windows import CREATE_NEW_PROCESS_GROUP
