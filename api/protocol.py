@@ -105,6 +105,7 @@ class Sentinel:
     state: WorkerState
     requests_served: int = 0
     generating: bool = False  # an inference is running right now
+    inferences: int = 0  # inferences started (one HTTP request may run several: OpenAI's n)
     progress: int = 0  # bumped (at most every PROGRESS_WRITE_INTERVAL) while tokens come
     last_token_at: float | None = None
     control_port: int | None = None  # loopback port serving the same app, for health probes
@@ -129,6 +130,7 @@ class Sentinel:
                 state=WorkerState(data["state"]),
                 requests_served=int(data.get("requests_served", 0)),
                 generating=bool(data.get("generating", False)),
+                inferences=int(data.get("inferences", 0)),
                 progress=int(data.get("progress", 0)),
                 last_token_at=None if data.get("last_token_at") is None else float(data["last_token_at"]),
                 control_port=None if data.get("control_port") is None else int(data["control_port"]),

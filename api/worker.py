@@ -142,6 +142,7 @@ class WorkerLifecycle:
         self.requests_started = 0  # inference requests begun (HTTP requests that touched a model)
         self.requests_served = 0  # ... and answered
         self.generations = 0  # inferences running now
+        self.inferences_started = 0
         self.progress_count = 0
         self.last_token_at: float | None = None  # wall clock, for the sentinel
         self._generation_started = 0.0
@@ -157,7 +158,8 @@ class WorkerLifecycle:
         with self._lock:
             return Sentinel(
                 worker_id=self.worker_id, pid=os.getpid(), state=self.state, requests_served=self.requests_served,
-                generating=self.generations > 0, progress=self.progress_count, last_token_at=self.last_token_at,
+                generating=self.generations > 0, inferences=self.inferences_started, progress=self.progress_count,
+                last_token_at=self.last_token_at,
                 control_port=self.control_port, reason=self.reason,
             )
 
@@ -200,6 +202,7 @@ class WorkerLifecycle:
                 self._request_began()
             now = self._clock()
             self.generations += 1
+            self.inferences_started += 1
             self._generation_started = self._last_progress = now
             self._longest_gap = 0.0
             self.report()

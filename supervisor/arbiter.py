@@ -383,8 +383,8 @@ class Arbiter:
             handle.progress_seen_at = now
         if not sentinel.generating:
             handle.busy_since = None
-        elif handle.busy_since is None or (previous is not None and not previous.generating):
-            handle.busy_since = now
+        elif handle.busy_since is None or previous is None or sentinel.inferences != previous.inferences:
+            handle.busy_since = now  # REQUEST_TIMEOUT applies to each inference, not to a request of several
         if previous is not None and sentinel.requests_served > previous.requests_served:
             self.backoff.reset()  # the model works: failures so far were not a pattern
         phase = SENTINEL_PHASES.get(sentinel.state)

@@ -101,7 +101,8 @@ class FakeChild:
 
     def start_generation(self, drains: bool = True) -> None:
         self.report(WorkerState.DRAINING if drains else WorkerState.BUSY, generating=True,
-                    progress=(self.sentinel.progress if self.sentinel else 0) + 1)
+                    progress=(self.sentinel.progress if self.sentinel else 0) + 1,
+                    inferences=(self.sentinel.inferences if self.sentinel else 0) + 1)
 
     def tick_progress(self) -> None:
         assert self.sentinel is not None
@@ -396,6 +397,17 @@ def test_generation_past_request_timeout_counts_as_hang_even_with_progress() -> 
         h.tick(0.25)
     assert first.signals == ["TERM"]
     assert "REQUEST_TIMEOUT" in h.arbiter.workers[first.spec.worker_id].hang_cause
+
+
+def test_request_timeout_applies_to_each_inference_of_a_request_not_to_their_sum() -> None:
+    h = Harness(REQUEST_TIMEOUT=5, STALL_TIMEOUT=2, RESTART_AFTER_REQUESTS=0)
+    first, _ = h.ready_pool()
+    for _ in range(3):  # OpenAI n=3: three inferences of 4 s back to back, never seen idle in between
+        first.start_generation(drains=False)
+        for _ in range(16):
+            first.tick_progress()
+            h.tick(0.25)
+    assert first.signals == []
 
 
 def test_boot_timeout() -> None:
