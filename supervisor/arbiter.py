@@ -564,8 +564,10 @@ class Arbiter:
         """Answer clients with a 503 that says why, but only while no worker process exists that
         could accept: the fallback and a worker never accept on the socket at the same time."""
         now = self.clock()
-        if self.unavailable_since is not None and self.in_phase(Phase.READY):
-            log.info("a worker is ready again: the service is back after %.1f s of 503 answers",
+        if self.unavailable_since is not None and (self.in_phase(Phase.READY, Phase.BUSY) or not self.backoff.failures):
+            # (a worker may come up and serve its request between two passes: the served request
+            # then shows as a backoff reset)
+            log.info("a worker is up again: the service is back after %.1f s of 503 answers",
                      now - self.unavailable_since)
             self.unavailable_since = None
         if self.stopping or not self.backoff.failures or self.in_phase(*MAY_ACCEPT):

@@ -4,6 +4,7 @@ sentinels, exit codes, memory and health the test sets, and no real process or s
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import signal
@@ -538,3 +539,21 @@ def test_watchdog_pings_while_the_loop_runs() -> None:
     h.notes.clear()
     h.run(3)
     assert 2 <= sum(note.startswith("WATCHDOG=1") for note in h.notes) <= 4
+
+
+def test_the_end_of_the_503_period_is_logged_even_if_the_ready_state_was_never_seen(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="supervisor")
+    h = Harness(RESTART_BACKOFF_MAX=2)
+    h.tick()
+    fail_booting(h)
+    h.tick()
+    assert h.fallback.enabled is not None
+    while not h.ops.alive():
+        h.tick(0.25)
+    trial = h.ops.alive()[0]
+    trial.report(WorkerState.DRAINING, generating=True, inferences=1)  # ready and busy between two passes
+    h.tick()
+    trial.report(WorkerState.DRAINING, requests_served=1)
+    h.tick()
+    assert "the service is back after" in caplog.text
