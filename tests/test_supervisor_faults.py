@@ -136,7 +136,7 @@ def test_a_broken_model_backs_off_answers_503_and_recovers_once_fixed(
     shutil.copy(tiny_model_dir / broken_file, models / "fixed.tmp")
     os.replace(models / "fixed.tmp", models / broken_file)
     service.wait_for(lambda: _ok(service), 15, "recovery after the model file was fixed")
-    assert "the service is back after" in service.log()
+    service.wait_for(lambda: "the service is back after" in service.log(), 5, "the end of the 503 period in the log")
 
 
 def _unavailable(service: Service) -> list[requests.Response]:
