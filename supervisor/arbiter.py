@@ -435,9 +435,13 @@ class Arbiter:
                     f"(REQUEST_TIMEOUT is {settings.request_timeout:g} s) and the worker did not stop it itself")
         if handle.probe_failures >= self.timing.probe_failures_for_hang:
             return f"it did not answer {handle.probe_failures} health probes in a row"
+        # A draining worker may still owe answers to connections it accepted before it stopped
+        # accepting; each one shows as progress. Only a drain that shows nothing for
+        # GRACEFUL_TIMEOUT is stuck: killing a worker that is still answering loses those requests.
+        quiet_since = max(handle.phase_since, handle.progress_seen_at)
         if (handle.phase is Phase.DRAINING and not handle.generating and not self.stopping
-                and now - handle.phase_since > settings.graceful_timeout + margin):
-            return (f"it was still finishing its last response after {now - handle.phase_since:.1f} s "
+                and now - quiet_since > settings.graceful_timeout + margin):
+            return (f"it was still finishing its last response after {now - quiet_since:.1f} s without progress "
                     f"(GRACEFUL_TIMEOUT is {settings.graceful_timeout:g} s)")
         return ""
 

@@ -235,6 +235,24 @@ def test_a_worker_that_starts_its_last_request_is_replaced_at_once_before_it_exi
     assert len(h.ops.children) == 3, "a served exit needs no further spawn: its replacement exists"
 
 
+def test_a_draining_worker_still_answering_queued_requests_is_not_killed() -> None:
+    """Seen under load: a worker had accepted 4 connections before its first request made it stop
+    accepting; it served them one after another, and was killed 30 s into its drain while still
+    producing tokens, losing the requests it had not answered yet."""
+    h = Harness(GRACEFUL_TIMEOUT=30)
+    first, _spare = h.ready_pool()
+    for _ in range(4):  # one queued request after another, each 15 s, with a gap between them
+        first.start_generation(drains=True)
+        for _ in range(15):
+            h.tick(1.0)
+            first.tick_progress()
+        first.report(WorkerState.DRAINING, generating=False, requests_served=first.sentinel.requests_served + 1)
+        h.tick(0.5)
+    assert first.signals == [], "it was answering requests all along"
+    h.run(30 + h.arbiter.timing.hang_margin + 1)  # now it goes quiet without exiting: a stuck drain
+    assert first.signals == ["TERM"]
+
+
 def test_busy_worker_that_will_come_back_is_not_replaced() -> None:
     h = Harness(RESTART_AFTER_REQUESTS=0)
     first, _spare = h.ready_pool()
