@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from api.config import load_settings
 from bench import concurrency, growth, measure, overhead
 from tests.servers import PYTHON, REPO, ServerProcess, base_env, free_port
 
@@ -24,7 +25,8 @@ SCENARIOS = ("overhead", "growth", "concurrency")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="chat model (.gguf) to measure")
-    parser.add_argument("--threads", type=int, default=2, help="inference threads, the same for daemon and baseline")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="inference threads for daemon and baseline alike (default: the daemon's own choice)")
     parser.add_argument("--runs", type=int, default=15, help="repetitions of each measurement")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few repetitions, under two minutes")
     parser.add_argument("--server", choices=["supervisor", "worker"], default="supervisor",
@@ -47,7 +49,7 @@ class Daemons:
         port = free_port()
         home = Path(tempfile.mkdtemp(dir=self.folder))
         env = base_env(MODEL_PATH=self.args.model.parent, MODEL_NAME=self.args.model.name, LISTEN_PORT=port,
-                       N_THREADS=threads or self.args.threads, WORKERS=workers, LOG_FOLDER_NAME=home / "logs",
+                       N_THREADS=threads or self.args.threads or 0, WORKERS=workers, LOG_FOLDER_NAME=home / "logs",
                        WATCHDOG_TEMPFILE=home / "run", EMBEDDING_MODEL_NAME="none.gguf", **settings)
         command = [PYTHON, "watchdog_main.py"] if server == "supervisor" else [PYTHON, "-m", "api"]
         daemon = ServerProcess(command, env, port, home / "daemon.log").start()
@@ -66,11 +68,20 @@ def print_table(scenario: str, rows: dict[str, dict[str, float]]) -> None:
         print(f"{name:<{width}}" + "".join(f"{row.get(column, ''):>16}" for column in columns))
 
 
+def baseline_threads(args: argparse.Namespace) -> int:
+    """The threads the daemon's one worker uses, so the baseline runs on as many."""
+    if args.threads:
+        return args.threads
+    if args.server == "worker":
+        return load_settings(base_env(RESTART_AFTER_REQUESTS=0), env_file=Path(os.devnull)).threads_per_worker
+    return load_settings(base_env(), env_file=Path(os.devnull)).threads_per_worker
+
+
 def run_scenarios(args: argparse.Namespace, daemons: Daemons, runs: int) -> dict[str, dict[str, dict[str, float]]]:
     chosen = args.only or list(SCENARIOS)
     results: dict[str, dict[str, dict[str, float]]] = {}
     if {"overhead", "growth"} & set(chosen):
-        baseline = overhead.InProcess.load(args.model, args.threads, n_ctx=2048)
+        baseline = overhead.InProcess.load(args.model, baseline_threads(args), n_ctx=2048)
         with daemons.start(args.server) as port:
             paired: dict[str, Callable[[int, overhead.InProcess, int], dict[str, dict[str, float]]]] = {
                 "overhead": overhead.run, "growth": growth.run}
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-") as folder:
         results = run_scenarios(args, Daemons(args, Path(folder)), runs)
-    report = {"model": args.model.name, "server": args.server, "threads": args.threads, "runs": runs,
+    report = {"model": args.model.name, "server": args.server, "threads": baseline_threads(args), "runs": runs,
               "quick": args.quick, "seconds": round(time.monotonic() - started, 1),
               "machine": {"python": platform.python_version(), "cpus": os.cpu_count()}, "scenarios": results}
     for scenario, rows in results.items():

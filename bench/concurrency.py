@@ -2,10 +2,13 @@
 one worker on one thread (the baseline), one worker on two threads, two workers on one thread each.
 
 Requests are short (a chat reply of SHORT_REPLY tokens), so what is measured is how well the
-daemon spreads work, not how fast one long generation decodes."""
+daemon spreads work, not how fast one long generation decodes. Workers are not restarted after
+each request here (RESTART_AFTER_REQUESTS=0): the layouts are compared on their own, and the cost
+of restarts is a scenario of its own."""
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 from collections.abc import Callable
@@ -45,7 +48,7 @@ def load(port: int, clients: int, requests_per_client: int) -> Level:
         for _ in range(requests_per_client):
             try:
                 status, _body, seconds = post_json(port, "/v1/chat/completions", BODY)
-            except OSError:
+            except (OSError, http.client.HTTPException):  # refused, reset or cut short: a failure
                 status, seconds = 0, 0.0
             with lock:
                 if status == 200:
@@ -67,7 +70,7 @@ def run(start_daemon: Callable[..., object], requests_per_client: int) -> dict[s
     """`start_daemon(workers=, threads=)` is a context manager yielding a ready daemon's port."""
     results: dict[str, dict[str, float]] = {}
     for layout, (workers, threads) in LAYOUTS.items():
-        with start_daemon(workers=workers, threads=threads) as port:  # type: ignore[attr-defined]
+        with start_daemon(workers=workers, threads=threads, RESTART_AFTER_REQUESTS=0) as port:  # type: ignore[attr-defined]
             load(port, 1, 2)  # warm the page cache and the fork server
             for clients in CLIENTS:
                 level = load(port, clients, requests_per_client)
