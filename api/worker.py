@@ -168,19 +168,25 @@ class WorkerLifecycle:
             self._write(self.sentinel_path, self.snapshot())
 
     def _become(self, state: WorkerState) -> None:
-        """The one place the state changes; accepting follows it."""
+        """The one place the state changes; accepting follows it: stopped before a change is
+        reported, started only after READY is reported, so no one sees a worker accept unannounced."""
         if self.state is state or self.state is WorkerState.DRAINING:
             return
         self.state = state
-        self.set_accepting(state is WorkerState.READY)
+        if state is WorkerState.READY:
+            self.report()
+            self.set_accepting(True)
+        else:
+            self.set_accepting(False)
 
     # -- boot
 
     def ready(self) -> None:
         with self._lock:
             if self.state is WorkerState.BOOTING:
-                self._become(WorkerState.READY)
-            self.report()
+                self._become(WorkerState.READY)  # reports, then accepts
+            else:
+                self.report()  # told to drain while loading: it says it loaded, and leaves
 
     def load_failed(self, reason: str) -> None:
         with self._lock:

@@ -214,7 +214,7 @@ def test_requests_that_do_not_touch_the_model_do_not_recycle_the_worker(start_se
     pids = {session.get(service.url + "/v1/models", timeout=5).headers["X-Worker-Pid"] for _ in range(5)}
     assert len(pids) == 1, "the same worker answers on its keep-alive connection"
     sentinel = service.sentinels()[int(pids.pop())]
-    assert sentinel.state.value == "READY" and sentinel.requests_served == 0
+    assert sentinel.state.value == "READY" and sentinel.requests_served == 0, "it announced READY before accepting"
 
 
 def test_a_hundred_back_to_back_requests_all_succeed(start_service: Callable[..., Service]) -> None:
