@@ -13,10 +13,11 @@ GGUF layout (versions 2 and 3, little-endian):
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,18 @@ def _read_value(cur: _Cursor, vtype: int, load_array: bool) -> tuple[Any, int | 
     raise GGUFFormatError(f"{cur.path.name}: unknown GGUF array element type {etype}")
 
 
+@contextlib.contextmanager
+def _mapped(path: str | os.PathLike[str]) -> Iterator[tuple[mmap.mmap, Path]]:
+    """The file mapped read-only (headers of large models are read without copying them)."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise GGUFFormatError(f"{p.name}: too small to be a GGUF file ({size} bytes)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            yield mm, p
+
+
 SPECIAL_TOKEN_TEXT_KEYS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id"}
 
 
@@ -162,19 +175,15 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The header's values by key (arrays skipped: None), plus the text of the BOS and EOS tokens
     as "bos_token" and "eos_token", which chat templates use, looked up without decoding the
     whole token array."""
-    p = Path(path)
-    with open(p, "rb") as f:
-        if os.fstat(f.fileno()).st_size < 24:
-            raise GGUFFormatError(f"{p.name}: too small to be a GGUF file")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            header = _parse_header(mm, p, False)
-            metadata = {key: found.value for key, found in header.fields.items()}
-            tokens = header.fields.get("tokenizer.ggml.tokens")
-            if tokens is not None and tokens.element_type == T_STRING:
-                for name, id_key in SPECIAL_TOKEN_TEXT_KEYS.items():
-                    token_id = metadata.get(id_key)
-                    if isinstance(token_id, int) and 0 <= token_id < (tokens.count or 0):
-                        metadata[name] = _string_array_item(_Cursor(mm, p), tokens.value_offset + 12, token_id)
+    with _mapped(path) as (mm, p):
+        header = _parse_header(mm, p, False)
+        metadata = {key: found.value for key, found in header.fields.items()}
+        tokens = header.fields.get("tokenizer.ggml.tokens")
+        if tokens is not None and tokens.element_type == T_STRING:
+            for name, id_key in SPECIAL_TOKEN_TEXT_KEYS.items():
+                token_id = metadata.get(id_key)
+                if isinstance(token_id, int) and 0 <= token_id < (tokens.count or 0):
+                    metadata[name] = _string_array_item(_Cursor(mm, p), tokens.value_offset + 12, token_id)
     return metadata
 
 
@@ -193,13 +202,8 @@ def read_gguf_header(path: str | os.PathLike[str], *, load_arrays: bool | Collec
     should be decoded (e.g. {"tokenizer.ggml.tokens"}).
     Raises GGUFFormatError for a file that is not GGUF or whose header is corrupt; OSError if unreadable.
     """
-    p = Path(path)
-    with open(p, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 24:
-            raise GGUFFormatError(f"{p.name}: too small to be a GGUF file ({size} bytes)")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _parse_header(mm, p, load_arrays)
+    with _mapped(path) as (mm, p):
+        return _parse_header(mm, p, load_arrays)
 
 
 def _parse_header(buf: mmap.mmap, path: Path, load_arrays: bool | Collection[str]) -> GGUFHeader:
@@ -246,34 +250,30 @@ def read_tensor_infos(path: str | os.PathLike[str]) -> tuple[GGUFHeader, list[GG
     """
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    p = Path(path)
-    with open(p, "rb") as f:
-        if os.fstat(f.fileno()).st_size < 24:
-            raise GGUFFormatError(f"{p.name}: too small to be a GGUF file")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            header = _parse_header(mm, p, False)
-            cur = _Cursor(mm, p)
-            cur.pos = header.kv_end_offset
-            infos: list[GGUFTensorInfo] = []
-            for _ in range(header.tensor_count):
-                name = cur.string()
-                n_dims = cur.scalar(T_UINT32)
-                if n_dims > 8:
-                    raise GGUFFormatError(f"{p.name}: tensor {name!r} has {n_dims} dimensions")
-                dims = tuple(cur.scalar(T_UINT64) for _ in range(n_dims))
-                ggml_type = cur.scalar(T_UINT32)
-                offset = cur.scalar(T_UINT64)
-                try:
-                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-                except (ValueError, KeyError):
-                    raise GGUFFormatError(f"{p.name}: tensor {name!r} has unknown type {ggml_type}") from None
-                n = 1
-                for d in dims:
-                    n *= d
-                if n % block:
-                    raise GGUFFormatError(f"{p.name}: tensor {name!r} size {n} is not a multiple of its block {block}")
-                infos.append(GGUFTensorInfo(name, dims, ggml_type, offset, n // block * type_size))
-            end_of_infos = cur.pos
+    with _mapped(path) as (mm, p):
+        header = _parse_header(mm, p, False)
+        cur = _Cursor(mm, p)
+        cur.pos = header.kv_end_offset
+        infos: list[GGUFTensorInfo] = []
+        for _ in range(header.tensor_count):
+            name = cur.string()
+            n_dims = cur.scalar(T_UINT32)
+            if n_dims > 8:
+                raise GGUFFormatError(f"{p.name}: tensor {name!r} has {n_dims} dimensions")
+            dims = tuple(cur.scalar(T_UINT64) for _ in range(n_dims))
+            ggml_type = cur.scalar(T_UINT32)
+            offset = cur.scalar(T_UINT64)
+            try:
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+            except (ValueError, KeyError):
+                raise GGUFFormatError(f"{p.name}: tensor {name!r} has unknown type {ggml_type}") from None
+            n = 1
+            for d in dims:
+                n *= d
+            if n % block:
+                raise GGUFFormatError(f"{p.name}: tensor {name!r} size {n} is not a multiple of its block {block}")
+            infos.append(GGUFTensorInfo(name, dims, ggml_type, offset, n // block * type_size))
+        end_of_infos = cur.pos
     alignment = header.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment <= 0:
         raise GGUFFormatError(f"{p.name}: invalid general.alignment {alignment!r}")
