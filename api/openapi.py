@@ -87,6 +87,13 @@ def operation_of(view: Callable[..., Any]) -> Operation | None:
 
 _RULE_ARGUMENT = re.compile(r"<(?:[a-z]+:)?([A-Za-z_][A-Za-z0-9_]*)>")
 _SKIPPED_METHODS = {"HEAD", "OPTIONS"}
+GENERATION_ERRORS = {
+    404: "The model is not installed (`code`: model_not_found; the message lists the installed ones).",
+    503: "The model is loading or busy; retry after `Retry-After` seconds.",
+    504: "The generation ran over REQUEST_TIMEOUT or stalled for STALL_TIMEOUT.",
+}
+"""How every route that generates can fail besides bad input: one text each, for every interface."""
+
 _ERROR_TEXT = {
     400: "Malformed JSON, a missing field, a wrong type or a value out of range; `param` names the field.",
     401: "API_KEY is set and the request lacks it (Authorization: Bearer <key> or X-Api-Key).",

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from api.engine import SamplingParams
 from api.generation import GenerationRequest, Outcome, check_sampling
-from api.openapi import Reply, documented
+from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.wire import schemas
 from api.wire.common import client_disconnected, closing, json_body, runtime
 from api.wire.validation import parse
@@ -64,8 +64,7 @@ def create_blueprint(route: str) -> Blueprint:
                                media_type="text/plain"),
                          Reply("With `Accept: application/json`: the reply with model, usage and timings.",
                                schemas.OriginalReply))},
-        errors={503: "The model is loading or busy; retry after `Retry-After` seconds.",
-                504: "The generation ran over REQUEST_TIMEOUT or stalled for STALL_TIMEOUT."},
+        errors={status: GENERATION_ERRORS[status] for status in (503, 504)},  # no `model` field: no 404
     )
     def generate() -> Response:
         state = runtime()

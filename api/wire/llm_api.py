@@ -21,7 +21,7 @@ from flask import Blueprint, Response, jsonify
 from api.engine import SamplingParams
 from api.errors import ApiError
 from api.generation import Generation, GenerationRequest, check_sampling
-from api.openapi import Reply, documented
+from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.wire import schemas
 from api.wire.common import client_disconnected, closing, json_body, runtime, sse_response
 from api.wire.openai import stop_strings
@@ -30,11 +30,6 @@ from api.wire.validation import parse
 blueprint = Blueprint("llm_api", __name__)
 
 TAGS = ("Generic LLM API",)
-GENERATION_ERRORS = {
-    404: "`model` names no installed model.",
-    503: "The model is loading or busy; retry after `Retry-After` seconds.",
-    504: "The generation ran over REQUEST_TIMEOUT or stalled for STALL_TIMEOUT.",
-}
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 SSE_LINE_END = "\r\n"
 

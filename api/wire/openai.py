@@ -23,7 +23,7 @@ from api.errors import ApiError, InvalidRequest, ModelNotFound
 from api.generation import Generation, GenerationRequest, Outcome, check_sampling
 from api.model_download import DISABLED_MESSAGE, DownloadDisabled
 from api.model_names import InstalledModel, ModelNameError, file_name_for, model_id
-from api.openapi import Reply, documented
+from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.wire import schemas
 from api.wire.common import client_disconnected, downloader, json_body, runtime, sse_event, sse_response
 from api.wire.validation import parse
@@ -33,11 +33,6 @@ blueprint = Blueprint("openai", __name__)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 TAGS_CHAT = ("OpenAI: chat and completions",)
 TAGS_MODELS = ("OpenAI: models and embeddings",)
-GENERATION_ERRORS = {
-    404: "The model is not installed (`code`: model_not_found; the message lists the installed ones).",
-    503: "The model is loading or busy; retry after `Retry-After` seconds.",
-    504: "The generation ran over REQUEST_TIMEOUT or stalled for STALL_TIMEOUT.",
-}
 STREAM_HEADERS = {"X-Accel-Buffering": "no"}
 
 

@@ -19,7 +19,7 @@ from api.engine import SamplingParams
 from api.errors import ApiError, ModelNotFound
 from api.generation import GenerationRequest, check_sampling
 from api.model_download import model_file_name, resolve_folder
-from api.openapi import Reply, documented
+from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.wire import schemas
 from api.wire.common import client_disconnected, downloader, json_body, runtime
 from api.wire.validation import parse
@@ -27,11 +27,6 @@ from api.wire.validation import parse
 blueprint = Blueprint("v0", __name__)
 
 TAGS = ("Flask GPT4All server (/v0)",)
-GENERATION_ERRORS = {
-    404: "`model` names no installed model.",
-    503: "The model is loading or busy; retry after `Retry-After` seconds.",
-    504: "The generation ran over REQUEST_TIMEOUT or stalled for STALL_TIMEOUT.",
-}
 
 
 def _stamp() -> str:
