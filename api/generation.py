@@ -291,6 +291,7 @@ class GenerationService:
 
     def start(self, request: GenerationRequest) -> Generation:
         """Validate, render and start; errors that need no model run are raised here."""
+        check_sampling(request.sampling)
         model = self.models.chat_model(request.model)
         prompt = self.render_prompt(model, request)
         generation = Generation(model, prompt, request, self.limits, self.observer)
@@ -299,12 +300,16 @@ class GenerationService:
         return generation
 
 
-def check_sampling(sampling: SamplingParams, names: dict[str, str] | None = None) -> SamplingParams:
-    """Reject out-of-range sampling values with a 400 naming the client's own parameter."""
-    names = names or {}
+def check_sampling(sampling: SamplingParams) -> SamplingParams:
+    """The service's own guard on sampling values (400 if out of range).
+
+    Each wire format declares the same ranges in api/wire/schemas.py, so clients see them in the
+    document and get errors naming their own fields; this catches whatever a wire format derives
+    or forgets to declare, before gpt4all gets it.
+    """
 
     def fail(attribute: str, expected: str) -> None:
-        raise InvalidRequest(f"'{names.get(attribute, attribute)}' must be {expected}", param=names.get(attribute, attribute))
+        raise InvalidRequest(f"'{attribute}' must be {expected}", param=attribute)
 
     if sampling.max_tokens < 1:
         fail("max_tokens", "at least 1")

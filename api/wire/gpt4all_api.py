@@ -14,7 +14,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from api.engine import SamplingParams
-from api.generation import GenerationRequest, Outcome, check_sampling
+from api.generation import GenerationRequest, Outcome
 from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.wire import schemas
 from api.wire.common import client_disconnected, closing, json_body, runtime
@@ -32,12 +32,12 @@ def _messages(body: schemas.OriginalRequest, header: str, footer: str) -> list[d
 
 
 def _sampling(body: schemas.OriginalRequest, default_max_tokens: int) -> SamplingParams:
-    return check_sampling(SamplingParams(
+    return SamplingParams(
         max_tokens=body.max_tokens or default_max_tokens,
         temperature=body.temp,
         top_p=body.top_p,
         top_k=body.top_k,
-    ), {"temperature": "temp"})
+    )
 
 
 def _summary(reply: str, model: str, outcome: Outcome) -> dict[str, object]:

@@ -20,7 +20,7 @@ from flask import Blueprint, Response, jsonify
 
 from api.engine import SamplingParams
 from api.errors import ApiError
-from api.generation import Generation, GenerationRequest, check_sampling
+from api.generation import Generation, GenerationRequest
 from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.wire import schemas
 from api.wire.common import client_disconnected, closing, json_body, runtime, sse_response
@@ -36,7 +36,7 @@ SSE_LINE_END = "\r\n"
 
 def _start(body: schemas.LlmGenerateRequest) -> Generation:
     params = body.params or schemas.LlmParams()
-    sampling = check_sampling(SamplingParams(
+    sampling = SamplingParams(
         max_tokens=params.n_predict,
         temperature=params.temp,
         top_p=params.top_p,
@@ -44,7 +44,7 @@ def _start(body: schemas.LlmGenerateRequest) -> Generation:
         min_p=params.min_p,
         repeat_penalty=params.repeat_penalty,
         repeat_last_n=params.repeat_last_n,
-    ), {"max_tokens": "params.n_predict", "temperature": "params.temp"})
+    )
     return runtime().service.start(GenerationRequest(
         sampling=sampling, model=body.model, prompt=body.prompt, stop=stop_strings(params.stop),
         is_disconnected=client_disconnected()))

@@ -20,7 +20,7 @@ from flask import Blueprint, Response, jsonify
 
 from api.engine import SamplingParams
 from api.errors import ApiError, InvalidRequest, ModelNotFound
-from api.generation import Generation, GenerationRequest, Outcome, check_sampling
+from api.generation import Generation, GenerationRequest, Outcome
 from api.model_download import DISABLED_MESSAGE, DownloadDisabled
 from api.model_names import InstalledModel, ModelNameError, file_name_for, model_id
 from api.openapi import GENERATION_ERRORS, Reply, documented
@@ -74,7 +74,7 @@ def _repeat_penalty(body: schemas.OpenAISampling) -> float:
 
 def parse_sampling(body: schemas.OpenAISampling, default_max_tokens: int) -> SamplingParams:
     max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
-    return check_sampling(SamplingParams(
+    return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
@@ -82,7 +82,7 @@ def parse_sampling(body: schemas.OpenAISampling, default_max_tokens: int) -> Sam
         min_p=body.min_p,
         repeat_penalty=_repeat_penalty(body),
         repeat_last_n=body.repeat_last_n,
-    ))
+    )
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:

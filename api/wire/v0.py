@@ -17,7 +17,7 @@ from flask import Blueprint, Response, jsonify
 
 from api.engine import SamplingParams
 from api.errors import ApiError, ModelNotFound
-from api.generation import GenerationRequest, check_sampling
+from api.generation import GenerationRequest
 from api.model_download import model_file_name, resolve_folder
 from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.wire import schemas
@@ -34,7 +34,7 @@ def _stamp() -> str:
 
 
 def _sampling(body: schemas.V0Sampling) -> SamplingParams:
-    return check_sampling(SamplingParams(
+    return SamplingParams(
         max_tokens=body.max_tokens or runtime().settings.default_max_tokens,
         temperature=body.temp,
         top_p=body.top_p,
@@ -42,7 +42,7 @@ def _sampling(body: schemas.V0Sampling) -> SamplingParams:
         min_p=body.min_p,
         repeat_penalty=body.repeat_penalty,
         repeat_last_n=body.repeat_last_n,
-    ), {"temperature": "temp"})
+    )
 
 
 def _generate(body: schemas.V0Sampling, **request: object) -> str:
