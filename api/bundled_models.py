@@ -649,12 +649,17 @@ def convert_sentence_transformers_bert(source_dir: Path, dest: Path, *, model_na
 
     for name, arr in _map_bert_tensors(weights, n_layer):
         w.add_tensor(name, arr)
+    write_gguf(w)
+
+
+def write_gguf(writer: Any) -> None:
+    """Write everything a gguf.GGUFWriter holds (header, metadata, tensors) and close it."""
     try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
     finally:
-        w.close()
+        writer.close()
 
 
 def _map_bert_tensors(weights: dict[str, np.ndarray], n_layer: int) -> Iterator[tuple[str, np.ndarray]]:

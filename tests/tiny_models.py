@@ -40,7 +40,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from api.bundled_models import llama_wordpiece_form
+from api.bundled_models import llama_wordpiece_form, write_gguf
 
 TINY_CHAT_REPLY: str = "abcdefghijklmnopqrstuvwxyz"
 """The exact greedy reply of the tiny chat model after a prompt that ends in a newline."""
@@ -255,9 +255,4 @@ def build_tiny_embedding_model(path: Path, *, vocab: Sequence[str] | None = None
 
 def _write(w: gguf.GGUFWriter, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
+    write_gguf(w)
