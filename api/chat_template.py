@@ -58,11 +58,6 @@ class ChatTemplate:
             self.source = FALLBACK_TEMPLATE
             return env.from_string(FALLBACK_TEMPLATE)
 
-    @property
-    def is_fallback(self) -> bool:
-        self._compiled  # noqa: B018 - compiling may switch to the fallback
-        return self.source == FALLBACK_TEMPLATE
-
     def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         try:
             return self._compiled.render(

@@ -15,7 +15,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -283,13 +283,6 @@ class Settings:
         # busy-waiting threads and the loader slow each other down (measured on 2 cores: 4x per request).
         reserved = 1 if self.restart_after_requests and cores > 1 else 0
         return max(1, (cores - reserved) // self.workers)
-
-    def public(self) -> dict[str, Any]:
-        """The settings as loggable values, with the secret left out."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values["api_key"] = "(set)" if self.api_key else "(not set)"
-        return {key: str(value) if isinstance(value, Path) else value for key, value in values.items()}
-
 
 _PATH_KEYS = {"MODEL_PATH", "WATCHDOG_TEMPFILE", "LOG_FOLDER_NAME"}
 

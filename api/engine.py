@@ -16,7 +16,6 @@ model crash the process). Everything the bindings get wrong for a server is corr
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -256,7 +255,3 @@ class EmbeddingModel:
         finally:
             self._lock.release()
         return result["embeddings"], int(result["n_prompt_tokens"])
-
-
-def default_thread_count() -> int:
-    return max(1, os.cpu_count() or 1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from pathlib import Path
 
 from api.config import Settings
 from api.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
@@ -111,13 +110,6 @@ class ModelHost:
         if requested and requested not in (self.settings.embedding_model_name, model_id(self.settings.embedding_model_name)):
             raise self._not_found(requested)
         return self._embedding
-
-    @property
-    def default_chat_name(self) -> str:
-        return self.settings.model_name
-
-    def model_file(self, name: str) -> Path:
-        return self.settings.model_path / name
 
 
 class Runtime:
