@@ -13,12 +13,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psutil
 import requests
+
+from api.protocol import Sentinel, is_sentinel_name, read_sentinel
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -116,6 +119,108 @@ class ServerProcess:
             self._log.close()
         self.process = None
         return [survivor.pid for survivor in alive]
+
+
+CHAT = {"messages": [{"role": "user", "content": "Hello!"}], "temperature": 0}
+
+
+class Service:
+    """A running supervisor (`watchdog_main.py`) with its folder, log and workers' sentinels,
+    for the end-to-end tests and the benchmarks."""
+
+    def __init__(self, process: ServerProcess, folder: Path) -> None:
+        self.process = process
+        self.folder = folder
+        self.url = process.url
+        self.port = process.port
+        self.run_dir = folder / "run"
+        self.log_path = folder / "logs" / "gpt4all-api.log"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def workers(self) -> list[psutil.Process]:
+        return [p for p in self.process.descendants() if is_worker(p)]
+
+    def sentinels(self) -> dict[int, Sentinel]:
+        found = {}
+        for path in self.run_dir.glob("*"):
+            sentinel = read_sentinel(path) if is_sentinel_name(path.name) else None
+            if sentinel is not None:
+                found[sentinel.pid] = sentinel
+        return found
+
+    def wait_for(self, predicate: Callable[[], object], timeout: float, what: str) -> object:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.02)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}\n--- log:\n{self.log()[-4000:]}")
+
+    def busy_worker(self, timeout: float = 10) -> int:
+        """The pid of a worker whose sentinel says it is generating."""
+        def generating() -> int:
+            return next((pid for pid, s in self.sentinels().items() if s.generating), 0)
+
+        return int(self.wait_for(generating, timeout, "a worker to be generating"))
+
+    def ready_count(self) -> int:
+        return sum(1 for s in self.sentinels().values() if s.state.value == "READY")
+
+    def chat(self, session: requests.Session | None = None, timeout: float = 15,
+             body: Mapping[str, object] = CHAT) -> requests.Response:
+        return (session or requests).post(self.url + "/v1/chat/completions", json=body, timeout=timeout)
+
+    def stream_in_background(self, body: Mapping[str, object], path: str = "/v1/completions",
+                             timeout: float = 30) -> tuple[threading.Thread, dict[str, object]]:
+        """Start a streamed generation in a thread; the dict collects what happened."""
+        outcome: dict[str, object] = {"chunks": 0}
+
+        def run() -> None:
+            try:
+                with requests.post(self.url + path, json={**body, "stream": True}, stream=True,
+                                   timeout=timeout) as response:
+                    outcome["status"] = response.status_code
+                    outcome["pid"] = response.headers.get("X-Worker-Pid")
+                    for line in response.iter_lines():
+                        if line.startswith(b"data: "):
+                            outcome["chunks"] = int(outcome["chunks"]) + 1  # type: ignore[call-overload]
+                            outcome["tail"] = [*outcome.get("tail", [])[-3:], line]  # type: ignore[misc]
+                outcome["ended"] = "cleanly"
+            except requests.RequestException as error:
+                outcome["error"] = type(error).__name__
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread, outcome
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+
+def cmdline_text(process: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(process.cmdline())
+    return ""
+
+
+def environ_text(process: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(f"{key}={value}" for key, value in process.environ().items())
+    return ""
+
+
+def is_worker(process: psutil.Process) -> bool:
+    """A spawned worker shows `--worker-id` in its command line; a forked one is named api-worker-K."""
+    with contextlib.suppress(psutil.Error):
+        return "--worker-id" in cmdline_text(process) or process.name().startswith("api-worker-")
+    return False
 
 
 def start_worker(model_dir: Path, tmp_path: Path, **settings: object) -> ServerProcess:

@@ -1,9 +1,9 @@
 """The real supervisor (`python watchdog_main.py`) on a free loopback port with the tiny models:
 restart per request, rolling restart, graceful stop, systemd notifications, logs, refusals.
 
-The helpers here (`Service`, the `start_service` fixture) are shared with the fault tests in
-tests/test_supervisor_faults.py. Every test ends with no process of its service left: the fixture
-checks every process whose command line names the test's folder.
+The `start_service` fixture here is shared with the fault tests in tests/test_supervisor_faults.py;
+`Service` itself lives in tests/servers.py, where the benchmarks use it too. Every test ends with no
+process of its service left: the fixture checks every process whose command line names the test's folder.
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ import psutil
 import pytest
 import requests
 
-from api.protocol import Sentinel, is_sentinel_name, read_sentinel
 from tests.conftest import tiny_settings
-from tests.servers import PYTHON, REPO, ServerProcess, base_env, free_port
+from tests.servers import PYTHON, REPO, ServerProcess, Service, base_env, cmdline_text, environ_text, free_port
 from tests.tiny_models import TINY_CHAT_REPLY
 
-CHAT = {"messages": [{"role": "user", "content": "Hello!"}], "temperature": 0}
 ENDLESS = {"prompt": "count 0", "max_tokens": 100000, "temperature": 0}  # digits until cancelled
 
 # Short limits so faults are found in about a second (the defaults suit real models).
@@ -36,83 +34,6 @@ FAST = {
     "HEALTH_INTERVAL": 0.5, "BOOT_TIMEOUT": 20, "STALL_TIMEOUT": 1.5, "REQUEST_TIMEOUT": 30, "KILL_TIMEOUT": 1,
     "GRACEFUL_TIMEOUT": 5, "RESTART_BACKOFF_MAX": 2,
 }
-
-
-class Service:
-    """One supervisor under test, with its folder, log and workers."""
-
-    def __init__(self, process: ServerProcess, folder: Path) -> None:
-        self.process = process
-        self.folder = folder
-        self.url = process.url
-        self.port = process.port
-        self.run_dir = folder / "run"
-        self.log_path = folder / "logs" / "gpt4all-api.log"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def workers(self) -> list[psutil.Process]:
-        return [p for p in self.process.descendants() if is_worker(p)]
-
-    def sentinels(self) -> dict[int, Sentinel]:
-        found = {}
-        for path in self.run_dir.glob("*"):
-            sentinel = read_sentinel(path) if is_sentinel_name(path.name) else None
-            if sentinel is not None:
-                found[sentinel.pid] = sentinel
-        return found
-
-    def wait_for(self, predicate: Callable[[], object], timeout: float, what: str) -> object:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.02)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}\n--- log:\n{self.log()[-4000:]}")
-
-    def busy_worker(self, timeout: float = 10) -> int:
-        """The pid of a worker whose sentinel says it is generating."""
-        def generating() -> int:
-            return next((pid for pid, s in self.sentinels().items() if s.generating), 0)
-
-        return int(self.wait_for(generating, timeout, "a worker to be generating"))
-
-    def ready_count(self) -> int:
-        return sum(1 for s in self.sentinels().values() if s.state.value == "READY")
-
-    def chat(self, session: requests.Session | None = None, timeout: float = 15) -> requests.Response:
-        return (session or requests).post(self.url + "/v1/chat/completions", json=CHAT, timeout=timeout)
-
-    def stream_endless(self) -> tuple[threading.Thread, dict[str, object]]:
-        """Start an endless streamed generation in a thread; the dict collects what happened."""
-        outcome: dict[str, object] = {"chunks": 0}
-
-        def run() -> None:
-            try:
-                with requests.post(self.url + "/v1/completions", json={**ENDLESS, "stream": True}, stream=True,
-                                   timeout=30) as response:
-                    outcome["status"] = response.status_code
-                    outcome["pid"] = response.headers.get("X-Worker-Pid")
-                    for line in response.iter_lines():
-                        if line.startswith(b"data: "):
-                            outcome["chunks"] = int(outcome["chunks"]) + 1  # type: ignore[call-overload]
-                            outcome["tail"] = [*outcome.get("tail", [])[-3:], line]  # type: ignore[misc]
-                outcome["ended"] = "cleanly"
-            except requests.RequestException as error:
-                outcome["error"] = type(error).__name__
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        return thread, outcome
-
-    def signal(self, signum: int) -> None:
-        os.kill(self.pid, signum)
 
 
 def refuses_connections(port: int) -> bool:
@@ -123,25 +44,6 @@ def refuses_connections(port: int) -> bool:
     return False
 
 
-def _cmdline(process: psutil.Process) -> str:
-    with contextlib.suppress(psutil.Error):
-        return " ".join(process.cmdline())
-    return ""
-
-
-def _environ(process: psutil.Process) -> str:
-    with contextlib.suppress(psutil.Error):
-        return " ".join(f"{key}={value}" for key, value in process.environ().items())
-    return ""
-
-
-def is_worker(process: psutil.Process) -> bool:
-    """A spawned worker shows `--worker-id` in its command line; a forked one is named api-worker-K."""
-    with contextlib.suppress(psutil.Error):
-        return "--worker-id" in _cmdline(process) or process.name().startswith("api-worker-")
-    return False
-
-
 def processes_naming(folder: Path) -> list[psutil.Process]:
     """Every live process whose command line or environment names `folder` (the supervisor, its
     fork server and workers all do: WATCHDOG_TEMPFILE is under it), zombies aside."""
@@ -149,7 +51,7 @@ def processes_naming(folder: Path) -> list[psutil.Process]:
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
             if process.pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE and (
-                    str(folder) in _cmdline(process) or str(folder) in _environ(process)):
+                    str(folder) in cmdline_text(process) or str(folder) in environ_text(process)):
                 found.append(process)
     return found
 
@@ -275,7 +177,7 @@ def test_sighup_replaces_every_worker_without_refusing_a_connection(start_servic
 
 def test_sigterm_lets_the_request_in_flight_finish_then_exits(start_service: Callable[..., Service]) -> None:
     service = start_service(REQUEST_TIMEOUT=3, STALL_TIMEOUT=2, GRACEFUL_TIMEOUT=8, RESTART_AFTER_REQUESTS=0)
-    thread, outcome = service.stream_endless()
+    thread, outcome = service.stream_in_background(ENDLESS)
     service.busy_worker()
     started = time.monotonic()
     service.signal(signal.SIGTERM)
@@ -292,7 +194,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits(start_service: Cal
 
 def test_sigterm_kills_what_does_not_finish_within_the_graceful_timeout(start_service: Callable[..., Service]) -> None:
     service = start_service(REQUEST_TIMEOUT=30, STALL_TIMEOUT=20, GRACEFUL_TIMEOUT=1.5, RESTART_AFTER_REQUESTS=0)
-    thread, _outcome = service.stream_endless()
+    thread, _outcome = service.stream_in_background(ENDLESS)
     busy = service.busy_worker()
     started = time.monotonic()
     service.signal(signal.SIGTERM)
@@ -326,7 +228,7 @@ def test_sd_notify_ready_watchdog_and_stopping(start_service: Callable[..., Serv
         receiver.close()
     ready_at = next(i for i, m in enumerate(messages) if "READY=1" in m)
     assert all("READY=1" not in m for m in messages[:ready_at])
-    assert not any("NOTIFY_SOCKET" in _environ(w) for w in service.workers())
+    assert not any("NOTIFY_SOCKET" in environ_text(w) for w in service.workers())
 
 
 def test_logs_tag_every_worker_line_including_c_level_stderr(start_service: Callable[..., Service]) -> None:
@@ -405,7 +307,7 @@ def test_spawned_workers_restart_per_request_and_die_with_a_killed_supervisor(
     assert len(pids) == 4
     service.wait_for(lambda: service.ready_count() == 2 and len(service.workers()) == 2, 10, "two idle workers")
     workers = service.workers()
-    assert workers and all("--worker-id" in _cmdline(worker) for worker in workers)
+    assert workers and all("--worker-id" in cmdline_text(worker) for worker in workers)
     os.kill(service.pid, signal.SIGKILL)
     _, alive = psutil.wait_procs(workers, timeout=2)
     assert alive == []

@@ -33,7 +33,7 @@ def gone(pid: int) -> bool:
 def test_sigkill_of_a_busy_worker_the_next_request_is_served_within_a_second(
         start_service: Callable[..., Service]) -> None:
     service = start_service(RESTART_AFTER_REQUESTS=0)
-    thread, outcome = service.stream_endless()
+    thread, outcome = service.stream_in_background(ENDLESS)
     busy = service.busy_worker()
     os.kill(busy, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -52,7 +52,7 @@ def test_sigkill_of_a_busy_worker_the_next_request_is_served_within_a_second(
 
 def test_sigstop_of_a_busy_worker_is_detected_killed_and_replaced(start_service: Callable[..., Service]) -> None:
     service = start_service(RESTART_AFTER_REQUESTS=0, STALL_TIMEOUT=1, KILL_TIMEOUT=1)
-    thread, _ = service.stream_endless()
+    thread, _ = service.stream_in_background(ENDLESS)
     busy = service.busy_worker()
     os.kill(busy, signal.SIGSTOP)
     stopped_at = time.monotonic()
@@ -177,7 +177,7 @@ def test_a_worker_over_the_memory_limit_is_recycled_after_its_request(start_serv
 def test_when_the_supervisor_is_killed_every_worker_exits_within_two_seconds(
         start_service: Callable[..., Service]) -> None:
     service = start_service(RESTART_AFTER_REQUESTS=0)
-    _thread, _ = service.stream_endless()
+    _thread, _ = service.stream_in_background(ENDLESS)
     service.busy_worker()
     workers = service.workers()
     assert len(workers) == 2
