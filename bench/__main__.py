@@ -11,15 +11,35 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from api.config import load_settings
-from bench import concurrency, growth, measure, overhead
-from tests.servers import PYTHON, REPO, ServerProcess, base_env, free_port
+from bench import concurrency, growth, measure, memory, overhead, recovery, restart
+from bench.daemon import Launcher, threads_chosen_by_daemon
+from tests.servers import REPO
 
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-SCENARIOS = ("overhead", "growth", "concurrency")
+SCENARIOS = ("overhead", "growth", "restart", "concurrency", "recovery", "memory")
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How many times each scenario repeats its measurement."""
+
+    runs: int  # overhead: interleaved daemon/in-process pairs
+    growth_runs: int  # growth: pairs per prompt and reply size
+    growth_prompts: tuple[int, ...]  # growth: prompt sizes in tokens
+    growth_replies: tuple[int, ...]  # growth: max_tokens
+    restart_requests: int  # restart: sequential requests per daemon ...
+    restart_rounds: int  # ... sent in this many turns
+    requests_per_client: int  # concurrency
+    recovery_samples: int  # recovery: faults of each kind
+
+
+FULL = Effort(runs=15, growth_runs=5, growth_prompts=growth.PROMPT_SIZES, growth_replies=growth.REPLY_SIZES,
+              restart_requests=40, restart_rounds=5, requests_per_client=6, recovery_samples=3)
+QUICK = Effort(runs=3, growth_runs=1, growth_prompts=growth.PROMPT_SIZES[:2], growth_replies=growth.REPLY_SIZES[:2],
+               restart_requests=6, restart_rounds=2, requests_per_client=1, recovery_samples=1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,70 +47,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="chat model (.gguf) to measure")
     parser.add_argument("--threads", type=int, default=None,
                         help="inference threads for daemon and baseline alike (default: the daemon's own choice)")
-    parser.add_argument("--runs", type=int, default=15, help="repetitions of each measurement")
+    parser.add_argument("--runs", type=int, default=None, help=f"repetitions of the overhead pairs (default {FULL.runs})")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few repetitions, under two minutes")
-    parser.add_argument("--server", choices=["supervisor", "worker"], default="supervisor",
-                        help="overhead and growth: the whole daemon (watchdog_main.py) or one bare worker (python -m api)")
     parser.add_argument("--only", choices=SCENARIOS, action="append", help="run only these scenarios (repeatable)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "latest.json")
     return parser.parse_args(argv)
 
 
-class Daemons:
-    """Starts daemons on free ports for the scenarios, each with its own settings, and stops them."""
-
-    def __init__(self, args: argparse.Namespace, folder: Path) -> None:
-        self.args = args
-        self.folder = folder
-
-    @contextlib.contextmanager
-    def start(self, server: str = "supervisor", *, workers: int = 1, threads: int | None = None,
-              **settings: object) -> Iterator[int]:
-        port = free_port()
-        home = Path(tempfile.mkdtemp(dir=self.folder))
-        env = base_env(MODEL_PATH=self.args.model.parent, MODEL_NAME=self.args.model.name, LISTEN_PORT=port,
-                       N_THREADS=threads or self.args.threads or 0, WORKERS=workers, LOG_FOLDER_NAME=home / "logs",
-                       WATCHDOG_TEMPFILE=home / "run", EMBEDDING_MODEL_NAME="none.gguf", **settings)
-        command = [PYTHON, "watchdog_main.py"] if server == "supervisor" else [PYTHON, "-m", "api"]
-        daemon = ServerProcess(command, env, port, home / "daemon.log").start()
-        try:
-            daemon.wait_ready(timeout=120)
-            yield port
-        finally:
-            daemon.stop()
-
-
 def print_table(scenario: str, rows: dict[str, dict[str, float]]) -> None:
     columns = list(dict.fromkeys(key for row in rows.values() for key in row))
-    width = max(len(name) for name in rows) + 2
-    print(f"\n{scenario}\n{'':<{width}}" + "".join(f"{column:>16}" for column in columns))
+    width = max((len(name) for name in rows), default=0) + 2
+    print(f"\n{scenario}\n{'':<{width}}" + "".join(f"{column:>{max(12, len(column) + 2)}}" for column in columns))
     for name, row in rows.items():
-        print(f"{name:<{width}}" + "".join(f"{row.get(column, ''):>16}" for column in columns))
+        print(f"{name:<{width}}" + "".join(f"{row.get(column, ''):>{max(12, len(column) + 2)}}" for column in columns))
 
 
 def baseline_threads(args: argparse.Namespace) -> int:
-    """The threads the daemon's one worker uses, so the baseline runs on as many."""
-    if args.threads:
-        return args.threads
-    if args.server == "worker":
-        return load_settings(base_env(RESTART_AFTER_REQUESTS=0), env_file=Path(os.devnull)).threads_per_worker
-    return load_settings(base_env(), env_file=Path(os.devnull)).threads_per_worker
+    """The threads of the daemon as it ships (restart per request); overhead and growth give the
+    in-process baseline and every daemon they measure as many."""
+    return args.threads or threads_chosen_by_daemon()
 
 
-def run_scenarios(args: argparse.Namespace, daemons: Daemons, runs: int) -> dict[str, dict[str, dict[str, float]]]:
+OVERHEAD_DAEMONS = {"restart every request": {}, "never restart": {"RESTART_AFTER_REQUESTS": 0}}
+
+
+def run_scenarios(args: argparse.Namespace, launcher: Launcher, effort: Effort) -> dict[str, dict[str, dict[str, float]]]:
     chosen = args.only or list(SCENARIOS)
     results: dict[str, dict[str, dict[str, float]]] = {}
     if {"overhead", "growth"} & set(chosen):
-        baseline = overhead.InProcess.load(args.model, baseline_threads(args), n_ctx=2048)
-        with daemons.start(args.server) as port:
-            paired: dict[str, Callable[[int, overhead.InProcess, int], dict[str, dict[str, float]]]] = {
-                "overhead": overhead.run, "growth": growth.run}
-            for name, scenario in paired.items():
-                if name in chosen:
-                    results[name] = scenario(port, baseline, runs)
+        threads = baseline_threads(args)
+        baseline = overhead.InProcess.load(args.model, threads, n_ctx=2048)
+        with contextlib.ExitStack() as stack:
+            ports = {label: stack.enter_context(launcher.start(N_THREADS=threads, **settings)).port
+                     for label, settings in OVERHEAD_DAEMONS.items()}
+            if "overhead" in chosen:
+                results["overhead"] = overhead.run(ports, baseline, effort.runs)
+            if "growth" in chosen:  # on the daemon as it ships
+                results["growth"] = growth.run(ports["restart every request"], baseline, effort.growth_runs,
+                                               effort.growth_prompts, effort.growth_replies)
         baseline.model.close()
+    if "restart" in chosen:
+        results["restart"] = restart.run(launcher.start, args.threads, effort.restart_requests, effort.restart_rounds)
     if "concurrency" in chosen:
-        results["concurrency"] = concurrency.run(daemons.start, requests_per_client=2 if args.quick else 6)
+        results["concurrency"] = concurrency.run(launcher.start, effort.requests_per_client)
+    if "recovery" in chosen:
+        results["recovery"] = recovery.run(launcher.start, effort.recovery_samples)
+    if "memory" in chosen:
+        results["memory"] = memory.run(launcher.start, args.model)
     return results
 
 
@@ -99,15 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_file():
         print(f"bench: model not found: {args.model} (run ./start.sh once, or pass --model)", file=sys.stderr)
         return 2
-    runs = 3 if args.quick else args.runs
+    effort = QUICK if args.quick else FULL
+    if args.runs:
+        effort = replace(effort, runs=args.runs)
     if args.quick:
         measure.SETTLE_SECONDS = 0.02  # a smoke run checks that everything works, not the figures
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-") as folder:
-        results = run_scenarios(args, Daemons(args, Path(folder)), runs)
-    report = {"model": args.model.name, "server": args.server, "threads": baseline_threads(args), "runs": runs,
-              "quick": args.quick, "seconds": round(time.monotonic() - started, 1),
-              "machine": {"python": platform.python_version(), "cpus": os.cpu_count()}, "scenarios": results}
+        results = run_scenarios(args, Launcher(args.model, Path(folder), args.threads), effort)
+    report = {"model": args.model.name, "model_bytes": args.model.stat().st_size,
+              "threads": args.threads or "daemon's choice", "baseline_threads": baseline_threads(args),
+              "effort": asdict(effort), "quick": args.quick, "seconds": round(time.monotonic() - started, 1),
+              "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+              "scenarios": results}
     for scenario, rows in results.items():
         print_table(scenario, rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)

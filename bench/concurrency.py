@@ -3,17 +3,18 @@ one worker on one thread (the baseline), one worker on two threads, two workers 
 
 Requests are short (a chat reply of SHORT_REPLY tokens), so what is measured is how well the
 daemon spreads work, not how fast one long generation decodes. Workers are not restarted after
-each request here (RESTART_AFTER_REQUESTS=0): the layouts are compared on their own, and the cost
-of restarts is a scenario of its own."""
+each request here (RESTART_AFTER_REQUESTS=0) and keep no warm spare (WARM_SPARES=0), so each
+layout runs exactly the processes its name says: the cost of restarts is a scenario of its own.
+(An idle spare accepts connections too, so with one the layouts would not be what they say.)"""
 
 from __future__ import annotations
 
 import http.client
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
+from bench.daemon import StartDaemon
 from bench.measure import Sample, post_json
 
 CLIENTS = (1, 2, 4, 8)
@@ -47,7 +48,7 @@ def load(port: int, clients: int, requests_per_client: int) -> Level:
         nonlocal failures
         for _ in range(requests_per_client):
             try:
-                status, _body, seconds = post_json(port, "/v1/chat/completions", BODY)
+                status, _body, seconds, _worker = post_json(port, "/v1/chat/completions", BODY)
             except (OSError, http.client.HTTPException):  # refused, reset or cut short: a failure
                 status, seconds = 0, 0.0
             with lock:
@@ -66,14 +67,13 @@ def load(port: int, clients: int, requests_per_client: int) -> Level:
     return Level(clients, len(latencies) / elapsed, Sample(latencies or [0.0]), failures)
 
 
-def run(start_daemon: Callable[..., object], requests_per_client: int) -> dict[str, dict[str, float]]:
-    """`start_daemon(workers=, threads=)` is a context manager yielding a ready daemon's port."""
+def run(start: StartDaemon, requests_per_client: int) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     for layout, (workers, threads) in LAYOUTS.items():
-        with start_daemon(workers=workers, threads=threads, RESTART_AFTER_REQUESTS=0) as port:  # type: ignore[attr-defined]
-            load(port, 1, 2)  # warm the page cache and the fork server
+        with start(WORKERS=workers, N_THREADS=threads, WARM_SPARES=0, RESTART_AFTER_REQUESTS=0) as service:
+            load(service.port, 1, 2)  # warm the page cache
             for clients in CLIENTS:
-                level = load(port, clients, requests_per_client)
+                level = load(service.port, clients, requests_per_client)
                 results[f"{layout}, {clients} client(s)"] = level.row()
     baseline = {clients: results[f"1 worker x 1 thread, {clients} client(s)"]["requests_per_second"] for clients in CLIENTS}
     for name, row in results.items():

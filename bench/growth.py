@@ -8,7 +8,7 @@ import time
 
 from api.engine import SamplingParams
 from bench.measure import interleave, post_json
-from bench.overhead import InProcess
+from bench.overhead import InProcess, time_row
 
 PROMPT_SIZES = (64, 256, 1024)
 REPLY_SIZES = (16, 64, 256)
@@ -44,25 +44,23 @@ def _local(baseline: InProcess, prompt: str, max_tokens: int) -> float:
 
 
 def _remote(port: int, prompt: str, max_tokens: int) -> float:
-    status, body, seconds = post_json(port, "/v1/completions", {"prompt": prompt, "temperature": 0,
+    status, body, seconds, _worker = post_json(port, "/v1/completions", {"prompt": prompt, "temperature": 0,
                                                                "max_tokens": max_tokens})
     assert status == 200, body
     return seconds
 
 
-def run(port: int, baseline: InProcess, runs: int) -> dict[str, dict[str, float]]:
+def run(port: int, baseline: InProcess, runs: int, prompt_sizes: tuple[int, ...] = PROMPT_SIZES,
+        reply_sizes: tuple[int, ...] = REPLY_SIZES) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
-    for size in PROMPT_SIZES:
+    for size in prompt_sizes:
         prompt = prompt_of(baseline, size)
         remote, local = interleave(runs, lambda p=prompt: _remote(port, p, 1), lambda p=prompt: _local(baseline, p, 1))
-        results[f"prompt_{size}_tokens"] = _row(remote.median_ms, local.median_ms)
-    for size in REPLY_SIZES:
+        results[f"prompt_{size}_tokens"] = time_row(remote.median, local.median)
+    for size in reply_sizes:
         remote, local = interleave(runs, lambda n=size: _remote(port, _ENDLESS, n),
                                    lambda n=size: _local(baseline, _ENDLESS, n))
-        results[f"reply_{size}_tokens"] = _row(remote.median_ms, local.median_ms)
+        results[f"reply_{size}_tokens"] = time_row(remote.median, local.median)
     return results
 
 
-def _row(daemon_ms: float, local_ms: float) -> dict[str, float]:
-    return {"daemon_ms": round(daemon_ms, 1), "in_process_ms": round(local_ms, 1),
-            "added_ms": round(daemon_ms - local_ms, 1), "ratio": round(daemon_ms / local_ms, 3)}

@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,15 @@ def interleave(runs: int, *actions: Callable[[], float]) -> list[Sample]:
     return [Sample(values) for values in results]
 
 
-def post_json(port: int, path: str, body: dict) -> tuple[int, dict, float]:
-    """POST on a fresh connection (as a restart-per-request daemon sees clients); return status, body, seconds."""
+class Reply(NamedTuple):
+    status: int
+    body: dict
+    seconds: float
+    worker: str  # the X-Worker-Pid header: which process answered
+
+
+def post_json(port: int, path: str, body: dict) -> Reply:
+    """POST on a fresh connection, as a restart-per-request daemon sees clients."""
     payload = json.dumps(body).encode()
     started = time.perf_counter()
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
@@ -59,7 +67,7 @@ def post_json(port: int, path: str, body: dict) -> tuple[int, dict, float]:
         elapsed = time.perf_counter() - started
     finally:
         connection.close()
-    return response.status, json.loads(data), elapsed
+    return Reply(response.status, json.loads(data), elapsed, response.getheader("X-Worker-Pid", ""))
 
 
 def first_streamed_token(port: int, path: str, body: dict) -> tuple[float, float, int]:

@@ -1,10 +1,14 @@
-"""What HTTP and the worker add to a generation: a 1-token request, the first streamed token and
-the decode rate, each beside the same call made in-process on the same model in the same run."""
+"""What the daemon adds to a generation: a 1-token request, the first streamed token and the
+decode rate, each beside the same call made in-process on the same model and threads in the same
+run. Measured on the daemon as it ships (a fresh worker for every request) and without restarts,
+because the replacement that loads while a request runs shares the machine with it."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,33 +68,44 @@ def _chat_body(max_tokens: int) -> dict:
     return {"messages": QUESTION, "temperature": 0, "max_tokens": max_tokens}
 
 
-def run(port: int, baseline: InProcess, runs: int) -> dict[str, dict[str, float]]:
-    """Measure the daemon on `port` against the in-process baseline, interleaved."""
-
-    def http_one_token() -> float:
-        status, body, seconds = post_json(port, "/v1/chat/completions", _chat_body(1))
-        assert status == 200 and body["usage"]["completion_tokens"] == 1, body
-        return seconds
-
-    def http_first_token() -> float:
-        return first_streamed_token(port, "/v1/chat/completions", _chat_body(DECODE_TOKENS))[0]
-
-    def http_decode_rate() -> float:
-        first, total, events = first_streamed_token(port, "/v1/completions", {
-            "prompt": "0 1 2 3 4 5 6 7", "temperature": 0, "max_tokens": DECODE_TOKENS})
-        return (events - 1) / (total - first) if total > first else 0.0
-
-    one_http, one_local = interleave(runs, http_one_token, baseline.one_token)
-    first_http, first_local = interleave(runs, http_first_token, baseline.first_token)
-    rate_http, rate_local = interleave(max(2, runs // 3), http_decode_rate, baseline.decode_rate)
-    return {
-        "one_token_request": _pair_ms(one_http.median_ms, one_local.median_ms),
-        "first_streamed_token": _pair_ms(first_http.median_ms, first_local.median_ms),
-        "decode_tokens_per_second": {"daemon": round(rate_http.median, 1), "in_process": round(rate_local.median, 1),
-                                     "ratio": round(rate_http.median / rate_local.median, 3)},
+def run(ports: Mapping[str, int], baseline: InProcess, runs: int) -> dict[str, dict[str, float]]:
+    """Measure each daemon (label -> port) against the in-process baseline, all interleaved."""
+    measures: dict[str, tuple[Callable[[int], float], Callable[[], float], int]] = {
+        "one_token_request": (http_one_token, baseline.one_token, runs),
+        "first_streamed_token": (http_first_token, baseline.first_token, runs),
+        "decode_tokens_per_second": (http_decode_rate, baseline.decode_rate, max(2, runs // 3)),
     }
+    results = {}
+    for name, (remote, local, repeats) in measures.items():
+        *daemons, in_process = interleave(repeats, *(functools.partial(remote, port) for port in ports.values()), local)
+        for label, daemon in zip(ports, daemons, strict=True):
+            row = rate_row if name == "decode_tokens_per_second" else time_row
+            results[f"{name}, {label}"] = row(daemon.median, in_process.median)
+    return results
 
 
-def _pair_ms(daemon_ms: float, local_ms: float) -> dict[str, float]:
+def http_one_token(port: int) -> float:
+    status, body, seconds, _worker = post_json(port, "/v1/chat/completions", _chat_body(1))
+    assert status == 200 and body["usage"]["completion_tokens"] == 1, body
+    return seconds
+
+
+def http_first_token(port: int) -> float:
+    return first_streamed_token(port, "/v1/chat/completions", _chat_body(DECODE_TOKENS))[0]
+
+
+def http_decode_rate(port: int) -> float:
+    first, total, events = first_streamed_token(port, "/v1/completions", {
+        "prompt": "0 1 2 3 4 5 6 7", "temperature": 0, "max_tokens": DECODE_TOKENS})
+    return (events - 1) / (total - first) if total > first else 0.0
+
+
+def time_row(daemon_seconds: float, local_seconds: float) -> dict[str, float]:
+    daemon_ms, local_ms = daemon_seconds * 1000, local_seconds * 1000
     return {"daemon_ms": round(daemon_ms, 1), "in_process_ms": round(local_ms, 1),
             "added_ms": round(daemon_ms - local_ms, 1), "ratio": round(daemon_ms / local_ms, 3)}
+
+
+def rate_row(daemon_rate: float, local_rate: float) -> dict[str, float]:
+    return {"daemon_tokens_s": round(daemon_rate, 1), "in_process_tokens_s": round(local_rate, 1),
+            "ratio": round(daemon_rate / local_rate, 3)}
