@@ -7,7 +7,10 @@ supervisor/) it follows the contract in api.protocol:
 - it serves the listening socket the supervisor bound, and the same app on a private loopback
   port (the *control* port, its own waitress loop and threads) where the supervisor probes /health;
 - it accepts on the public socket only while READY: not while its model loads, not while an
-  inference runs (the next client goes to a spare), never again once it is DRAINING;
+  inference runs (the next client goes to a spare), never again once it is DRAINING; and it takes
+  one client at a time: after accepting a connection it accepts no other until that client's
+  request is answered, so parallel clients spread over the workers and, with restart-per-request,
+  none of them meets a used model;
 - it reports itself in its sentinel file (state, requests served, token heartbeat);
 - after RESTART_AFTER_REQUESTS inference requests (the supervisor passes the number, jitter
   included), or after a generation that ran over its time limit, or on a `drain` command, it
@@ -66,7 +69,8 @@ CONTROL_THREADS = 2  # the control port serves health probes
 PROGRESS_WRITE_INTERVAL = 0.5
 """Seconds between sentinel writes while tokens come: the heartbeat, throttled."""
 FRESH_CONNECTION_GRACE = 1.0
-"""A draining worker waits this long for a client that connected but has not sent its request yet."""
+"""How long a client that connected may take to send its request: meanwhile the worker holds off
+other clients (and a draining worker waits for it). A silent connection stops holding it after this."""
 EXIT_CHECK_INTERVAL = 0.05
 SERVER_IDENT = "gpt4all-api"
 
@@ -150,6 +154,7 @@ class WorkerLifecycle:
         self._longest_gap = 0.0
         self._last_progress_write = 0.0
         self._bare_inferences = 0  # inferences outside a waitress task: each counts as a request
+        self._clients: set[int] = set()  # public connections being served: accepted, or with a request running
         self.set_accepting: Callable[[bool], None] = lambda _accepting: None
 
     # -- reporting
@@ -175,9 +180,30 @@ class WorkerLifecycle:
         self.state = state
         if state is WorkerState.READY:
             self.report()
-            self.set_accepting(True)
+            self._accept_if_free()
         else:
             self.set_accepting(False)
+
+    def _accept_if_free(self) -> None:
+        if self.state is WorkerState.READY and not self._clients:
+            self.set_accepting(True)
+
+    # -- one client at a time (called by WorkerChannel and WorkerTask for the public socket)
+
+    def client_engaged(self, key: int) -> None:
+        """A connection was accepted, or a request arrived on one: take no other client until it is
+        answered. Without this a worker accepts more connections in the moment between accepting
+        one and its request reaching the model, and serves them itself while another worker idles."""
+        with self._lock:
+            self._clients.add(key)
+            self.set_accepting(False)
+
+    def client_released(self, key: int) -> None:
+        """Its request was answered, it closed, or it sent nothing in time: other clients may come."""
+        with self._lock:
+            if key in self._clients:
+                self._clients.discard(key)
+                self._accept_if_free()
 
     # -- boot
 
@@ -306,13 +332,19 @@ class WorkerTask(WSGITask):
 
     def service(self) -> None:
         lifecycle: WorkerLifecycle = self.channel.server.lifecycle
+        public = self.channel.server.one_client_at_a_time
         _current.task = self
+        self.channel.started_requests += 1
+        if public:
+            lifecycle.client_engaged(id(self.channel))
         try:
             super().service()
         finally:
             _current.task = None
             self.channel.served_requests += 1
             lifecycle.request_finished(self)
+            if public:
+                lifecycle.client_released(id(self.channel))
 
     def build_response_header(self) -> bytes:
         # A WSGI app may not set Connection (hop-by-hop): ask waitress to close instead.
@@ -322,8 +354,21 @@ class WorkerTask(WSGITask):
 
 
 class WorkerChannel(HTTPChannel):
+    """A client connection; on the public socket it holds the worker from accept to answer."""
+
     task_class = WorkerTask
+    started_requests = 0
     served_requests = 0
+
+    def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None) -> None:
+        super().__init__(server, sock, addr, adj, map)
+        if server.one_client_at_a_time:
+            server.lifecycle.client_engaged(id(self))
+
+    def handle_close(self) -> None:
+        if self.server.one_client_at_a_time:
+            self.server.lifecycle.client_released(id(self))
+        super().handle_close()
 
 
 def inherit_listening_socket(args: argparse.Namespace) -> socket.socket:
@@ -390,6 +435,7 @@ class SupervisedWorker:
         for server in (self.public_server, self.control_server):
             server.channel_class = WorkerChannel
             server.lifecycle = lifecycle
+            server.one_client_at_a_time = server is self.public_server
         self.public_server.accepting = False  # not before the model is loaded
         lifecycle.set_accepting = self._set_accepting
 
@@ -446,12 +492,21 @@ class SupervisedWorker:
             lifecycle.changed.wait(EXIT_CHECK_INTERVAL)
             lifecycle.changed.clear()
             lifecycle.check_overtime()
+            self._release_silent_clients()
             code = lifecycle.exit_code
             if code == EXIT_MODEL_LOAD_FAILED:
                 self._exit(code)
             if code is not None and lifecycle.idle() and self._connections_done():
                 log.info("worker %d exits: %s", lifecycle.worker_id, lifecycle.reason)
                 self._exit(code)
+
+    def _release_silent_clients(self) -> None:
+        """A connection that has sent no request within FRESH_CONNECTION_GRACE no longer holds the
+        worker: an idle or stray connection must not keep every other client waiting."""
+        deadline = time.time() - FRESH_CONNECTION_GRACE
+        for channel in list(self.public_server.active_channels.values()):
+            if not channel.started_requests and channel.creation_time < deadline:
+                self.lifecycle.client_released(id(channel))
 
     def _connections_done(self) -> bool:
         """True once no client connection is open on the public socket. Idle keep-alive

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -322,3 +323,36 @@ def test_the_supervisor_sleeps_while_nothing_happens(start_service: Callable[...
     time.sleep(3)
     after = supervisor.cpu_times()
     assert (after.user - before.user) + (after.system - before.system) < 0.3
+
+
+def test_parallel_clients_each_meet_a_fresh_worker(start_service: Callable[..., Service]) -> None:
+    """Restart per request holds under concurrency: a worker takes one connection and no second
+    one before that request is done, so no request is served by a worker that served another."""
+    service = start_service(WARM_SPARES=3)
+    service.wait_for(lambda: service.ready_count() >= 4, 20, "4 ready workers")
+    body = {"prompt": "count 0", "max_tokens": 300, "temperature": 0}  # long enough to overlap
+
+    def request(_index: int) -> str:
+        response = requests.post(service.url + "/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.headers["X-Worker-Pid"]
+
+    with ThreadPoolExecutor(8) as pool:
+        pids = list(pool.map(request, range(24)))
+    assert len(set(pids)) == len(pids), f"{len(pids) - len(set(pids))} request(s) met a used worker"
+
+
+def test_a_silent_connection_or_an_idle_keep_alive_one_does_not_hold_off_other_clients(
+        start_service: Callable[..., Service]) -> None:
+    """One client at a time must not let a connection that sends nothing, or a kept-alive one
+    between requests, block a worker (here the only one) for other clients."""
+    service = start_service(WARM_SPARES=0, RESTART_AFTER_REQUESTS=0)
+    kept_alive = requests.Session()
+    assert kept_alive.get(service.url + "/v1/models", timeout=5).status_code == 200
+    with socket.create_connection(("127.0.0.1", service.port)) as _silent:
+        started = time.monotonic()
+        response = service.chat(timeout=10)
+        waited = time.monotonic() - started
+        assert response.status_code == 200, response.text
+        assert waited < 5, f"a silent connection held the worker for {waited:.1f} s"
+        assert service.chat(kept_alive).status_code == 200, "the kept-alive connection still works"

@@ -115,6 +115,37 @@ def test_without_a_restart_limit_busy_returns_to_ready() -> None:
     assert lifecycle.exit_code is None
 
 
+def test_a_worker_takes_one_client_at_a_time() -> None:
+    lifecycle, clock, recorder = make(restart_after=0)
+    lifecycle.client_engaged(1)  # accepted: no second connection until this one is answered
+    assert recorder.accepting[-1] is False and recorder.last.state is WorkerState.READY
+    lifecycle.client_engaged(2)  # a request on a kept-alive connection accepted earlier
+    serve(lifecycle, clock)
+    assert recorder.last.state is WorkerState.READY and recorder.accepting[-1] is False, "clients still engaged"
+    lifecycle.client_released(1)
+    assert recorder.accepting[-1] is False
+    lifecycle.client_released(2)
+    assert recorder.accepting[-1] is True
+    lifecycle.client_released(2)  # a connection closing after its answer: nothing changes
+    assert recorder.accepting.count(True) == 2
+
+
+def test_a_released_client_does_not_reopen_a_busy_or_draining_worker() -> None:
+    lifecycle, _clock, recorder = make(restart_after=1)
+    lifecycle.client_engaged(1)
+    current = task()
+    worker._current.task = current
+    lifecycle.inference_started()
+    worker._current.task = None
+    lifecycle.client_engaged(2)
+    lifecycle.client_released(2)  # a silent second connection let go while the first generates
+    assert recorder.accepting[-1] is False and recorder.last.state is WorkerState.DRAINING
+    lifecycle.inference_finished()
+    lifecycle.request_finished(current)  # type: ignore[arg-type]
+    lifecycle.client_released(1)
+    assert recorder.accepting[-1] is False, "DRAINING never accepts again"
+
+
 def test_one_http_request_with_several_generations_counts_once() -> None:
     lifecycle, clock, _recorder = make(restart_after=2)
     serve(lifecycle, clock, generations=3)
