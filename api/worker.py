@@ -27,6 +27,7 @@ import argparse
 import base64
 import contextlib
 import io
+import itertools
 import logging
 import os
 import signal
@@ -116,6 +117,7 @@ def _load(runtime: Runtime) -> None:
 # -- supervised: the worker's own life
 
 
+_client_keys = itertools.count(1)  # one per public connection, for WorkerLifecycle.client_engaged
 _current = threading.local()  # the waitress task this thread is serving, if any
 
 
@@ -260,6 +262,8 @@ class WorkerLifecycle:
             if self._bare_inferences:
                 self._bare_inferences -= 1
                 self._request_ended()
+            else:
+                self._ready_if_idle()
             self.report()
         self.changed.set()
 
@@ -290,7 +294,12 @@ class WorkerLifecycle:
 
     def _request_ended(self) -> None:
         self.requests_served += 1
-        if self.requests_served >= self.requests_started and not self.generations:
+        self._ready_if_idle()
+
+    def _ready_if_idle(self) -> None:
+        """Back to READY once every request is answered and every generation has ended. The
+        request thread and the model thread finish in either order; the later one gets here."""
+        if self.state is WorkerState.BUSY and self.requests_served >= self.requests_started and not self.generations:
             self._become(WorkerState.READY)
 
     def request_finished(self, task: WorkerTask) -> None:
@@ -336,7 +345,7 @@ class WorkerTask(WSGITask):
         _current.task = self
         self.channel.started_requests += 1
         if public:
-            lifecycle.client_engaged(id(self.channel))
+            lifecycle.client_engaged(self.channel.client_key)
         try:
             super().service()
         finally:
@@ -344,7 +353,7 @@ class WorkerTask(WSGITask):
             self.channel.served_requests += 1
             lifecycle.request_finished(self)
             if public:
-                lifecycle.client_released(id(self.channel))
+                lifecycle.client_released(self.channel.client_key)
 
     def build_response_header(self) -> bytes:
         # A WSGI app may not set Connection (hop-by-hop): ask waitress to close instead.
@@ -362,12 +371,13 @@ class WorkerChannel(HTTPChannel):
 
     def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None) -> None:
         super().__init__(server, sock, addr, adj, map)
+        self.client_key = next(_client_keys)  # not id(): a closed channel's id can come back
         if server.one_client_at_a_time:
-            server.lifecycle.client_engaged(id(self))
+            server.lifecycle.client_engaged(self.client_key)
 
     def handle_close(self) -> None:
         if self.server.one_client_at_a_time:
-            self.server.lifecycle.client_released(id(self))
+            self.server.lifecycle.client_released(self.client_key)
         super().handle_close()
 
 
@@ -506,7 +516,7 @@ class SupervisedWorker:
         deadline = time.time() - FRESH_CONNECTION_GRACE
         for channel in list(self.public_server.active_channels.values()):
             if not channel.started_requests and channel.creation_time < deadline:
-                self.lifecycle.client_released(id(channel))
+                self.lifecycle.client_released(channel.client_key)
 
     def _connections_done(self) -> bool:
         """True once no client connection is open on the public socket. Idle keep-alive

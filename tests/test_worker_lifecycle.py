@@ -146,6 +146,20 @@ def test_a_released_client_does_not_reopen_a_busy_or_draining_worker() -> None:
     assert recorder.accepting[-1] is False, "DRAINING never accepts again"
 
 
+def test_busy_returns_to_ready_when_the_model_thread_finishes_after_the_response() -> None:
+    """The request thread can send the last byte before the model thread has reported the end of
+    the generation; whichever comes last makes the worker READY again."""
+    lifecycle, _clock, recorder = make(restart_after=0)
+    current = task()
+    worker._current.task = current
+    lifecycle.inference_started()
+    worker._current.task = None
+    lifecycle.request_finished(current)  # type: ignore[arg-type]
+    assert recorder.last.state is WorkerState.BUSY, "the generation has not reported its end yet"
+    lifecycle.inference_finished()
+    assert recorder.last.state is WorkerState.READY and recorder.accepting[-1] is True
+
+
 def test_one_http_request_with_several_generations_counts_once() -> None:
     lifecycle, clock, _recorder = make(restart_after=2)
     serve(lifecycle, clock, generations=3)
