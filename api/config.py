@@ -185,7 +185,8 @@ FIELDS: tuple[Field, ...] = (
     Field("REQUEST_TIMEOUT", "300", _seconds, "Longest a generation may run before it is stopped with a 504."),
     Field("STALL_TIMEOUT", "30", _seconds, "Longest a generation may go without producing a token before it counts as hung."),
     # -- the supervisor
-    Field("WORKERS", "1", _integer(1, 64), "Generations that can run at the same time (one worker process each)."),
+    Field("WORKERS", "1", _integer(1, 64), "Generations that can run at the same time, on this many worker processes "
+          "(a warm spare that takes a client waits for a free one)."),
     Field("WARM_SPARES", "1", _integer(0, 64), "Loaded workers kept waiting so a restart never makes a client wait."),
     Field("RESTART_AFTER_REQUESTS", "1", _integer(0),
           "Restart a worker after this many inference requests (1: a fresh model for every request; 0: never)."),

@@ -23,8 +23,10 @@ from typing import Literal, Protocol
 
 from api.engine import ChatModel, EmbeddingModel, EngineRun, SamplingParams
 from api.errors import ApiError, EngineFailure, GenerationTimeout, InvalidRequest, ServiceUnavailable
+from api.inference_slots import InferenceSlots, Release
 
 FinishReason = Literal["stop", "length"]
+ALL_SLOTS_BUSY = "the server is running as many generations as WORKERS allows; try again"
 _DISCONNECT_POLL_SECONDS = 0.2
 
 
@@ -135,7 +137,7 @@ class Generation:
     """
 
     def __init__(self, model: ChatModel, prompt: str, request: GenerationRequest, limits: Limits,
-                 observer: InferenceObserver) -> None:
+                 observer: InferenceObserver, slots: InferenceSlots) -> None:
         self.id = uuid.uuid4().hex
         self.created = int(time.time())
         self.model_name = model.name
@@ -145,6 +147,8 @@ class Generation:
         self._request = request
         self._limits = limits
         self._observer = observer
+        self._slots = slots
+        self._release_slot: Release = lambda: None
         self._events: queue.Queue[tuple[str, object]] = queue.Queue()
         self._cancel = threading.Event()
         self._stop_filter = StopFilter(request.stop)
@@ -154,9 +158,15 @@ class Generation:
     # -- lifecycle
 
     def start(self) -> None:
-        """Reserve the model and start generating. Raises ServiceUnavailable if it stays busy."""
+        """Reserve the model and an inference slot, and start generating. Raises
+        ServiceUnavailable if either stays busy for REQUEST_TIMEOUT."""
         if not self._model.acquire(timeout=self._limits.request_timeout):
             raise ServiceUnavailable("the model is busy with another request; try again", retry_after=2)
+        release_slot = self._slots.acquire(timeout=self._limits.request_timeout)
+        if release_slot is None:
+            self._model.release()
+            raise ServiceUnavailable(ALL_SLOTS_BUSY, retry_after=2)
+        self._release_slot = release_slot
         self._started_at = time.monotonic()
         self._observer.inference_started()
         threading.Thread(target=self._run, name=f"generation-{self.id[:8]}", daemon=True).start()
@@ -199,6 +209,7 @@ class Generation:
         except Exception as error:
             self._events.put(("error", EngineFailure(f"generation failed: {type(error).__name__}")))
         finally:
+            self._release_slot()
             self._model.release()
             self._observer.inference_finished()
 
@@ -269,10 +280,12 @@ class ModelResolver(Protocol):
 class GenerationService:
     """Turns a GenerationRequest into a running Generation on the right model."""
 
-    def __init__(self, models: ModelResolver, limits: Limits, observer: InferenceObserver | None = None) -> None:
+    def __init__(self, models: ModelResolver, limits: Limits, observer: InferenceObserver | None = None,
+                 slots: InferenceSlots | None = None) -> None:
         self.models = models
         self.limits = limits
         self.observer = observer or NullObserver()
+        self.slots = slots or InferenceSlots(None, 0)
 
     def render_prompt(self, model: ChatModel, request: GenerationRequest) -> str:
         if request.messages is not None:
@@ -283,10 +296,14 @@ class GenerationService:
 
     def embed(self, model: EmbeddingModel, texts: list[str]) -> tuple[list[list[float]], int]:
         """Embed texts; this touches a model, so the worker counts it like a generation."""
+        release_slot = self.slots.acquire(timeout=self.limits.request_timeout)
+        if release_slot is None:
+            raise ServiceUnavailable(ALL_SLOTS_BUSY, retry_after=2)
         self.observer.inference_started()
         try:
             return model.embed(texts, timeout=self.limits.request_timeout)
         finally:
+            release_slot()
             self.observer.inference_finished()
 
     def start(self, request: GenerationRequest) -> Generation:
@@ -294,7 +311,7 @@ class GenerationService:
         check_sampling(request.sampling)
         model = self.models.chat_model(request.model)
         prompt = self.render_prompt(model, request)
-        generation = Generation(model, prompt, request, self.limits, self.observer)
+        generation = Generation(model, prompt, request, self.limits, self.observer, self.slots)
         generation.start()
         generation.prime()
         return generation

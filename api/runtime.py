@@ -13,6 +13,7 @@ import threading
 from api.config import Settings
 from api.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from api.generation import GenerationService, InferenceObserver, Limits
+from api.inference_slots import InferenceSlots
 from api.model_names import InstalledModel, ModelNameError, file_name_for, installed_models, model_id
 from api.sampler_seed import claim_slot
 
@@ -113,11 +114,12 @@ class ModelHost:
 
 
 class Runtime:
-    def __init__(self, settings: Settings, observer: InferenceObserver | None = None) -> None:
+    def __init__(self, settings: Settings, observer: InferenceObserver | None = None,
+                 slots: InferenceSlots | None = None) -> None:
         self.settings = settings
         self.models = ModelHost(settings)
         self.service = GenerationService(
-            self.models, Limits(settings.request_timeout, settings.stall_timeout), observer)
+            self.models, Limits(settings.request_timeout, settings.stall_timeout), observer, slots)
         self.state = RuntimeState.LOADING
         self.failure: str | None = None
 

@@ -59,6 +59,7 @@ from api.protocol import (
     WorkerState,
     write_sentinel,
 )
+from api.inference_slots import InferenceSlots
 from api.runtime import Runtime
 
 log = logging.getLogger("api.worker")
@@ -433,7 +434,7 @@ class SupervisedWorker:
         self.settings = settings
         self.lifecycle = lifecycle
         self.commands = commands
-        self.runtime = Runtime(settings, lifecycle)
+        self.runtime = Runtime(settings, lifecycle, InferenceSlots(settings.run_dir, settings.workers))
         app = create_app(settings, self.runtime)
         # Two servers, each with its own loop and threads: health probes on the control port never
         # queue behind requests waiting for the model on the public socket (a false "hung").

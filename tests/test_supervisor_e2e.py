@@ -9,6 +9,7 @@ process of its service left: the fixture checks every process whose command line
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -356,3 +357,22 @@ def test_a_silent_connection_or_an_idle_keep_alive_one_does_not_hold_off_other_c
         assert response.status_code == 200, response.text
         assert waited < 5, f"a silent connection held the worker for {waited:.1f} s"
         assert service.chat(kept_alive).status_code == 200, "the kept-alive connection still works"
+
+
+def test_workers_caps_the_generations_running_at_once(start_service: Callable[..., Service]) -> None:
+    """WORKERS=1 with two spares: a second client reaches a spare, which waits for the one
+    inference slot and generates only once the first generation is over. Waiting is not hanging."""
+    service = start_service(WORKERS=1, WARM_SPARES=2, RESTART_AFTER_REQUESTS=0)
+    service.wait_for(lambda: service.ready_count() >= 3, 20, "3 ready workers")
+    with requests.post(service.url + "/v1/completions", json={**ENDLESS, "stream": True}, stream=True,
+                       timeout=30) as first:
+        lines = first.iter_lines()  # kept: a dropped iterator closes the connection
+        assert any(line.startswith(b"data: ") for line in itertools.islice(lines, 3))
+        busy = service.busy_worker()
+        thread, second = service.stream_in_background({**ENDLESS, "max_tokens": 5})
+        time.sleep(FAST["STALL_TIMEOUT"] + 1.5)  # longer than a stall would be allowed to last
+        assert [pid for pid, sentinel in service.sentinels().items() if sentinel.generating] == [busy]
+        assert second["chunks"] == 0 and "status" not in second, "the second client waits for the slot"
+    thread.join(10)
+    assert second.get("status") == 200 and second["chunks"] > 0, second
+    assert "seems hung" not in service.log()
