@@ -3,8 +3,8 @@ against the same requests with RESTART_AFTER_REQUESTS=0 (one worker serves them 
 
 The daemons run side by side and take turns, a block of requests each, so a slow phase of a shared
 machine hits them alike. With restarts on, the daemon by itself leaves one core for the loading
-replacement (api.config), so on a small machine the two defaults differ in threads as well; a
-third daemon without restarts on the restart default's threads separates the two effects."""
+replacement (api.config), so on a small machine the two defaults differ in threads as well; each
+setting also runs on the other's threads, which separates the two effects."""
 
 from __future__ import annotations
 
@@ -32,13 +32,12 @@ class Setup:
 
 
 def setups(threads: int | None) -> list[Setup]:
-    """Each restart setting on the daemon's own choice of threads, and never-restart on the same
-    threads as restart-every-request when those differ."""
-    def chosen(restart_after: int) -> int:
-        return threads or threads_chosen_by_daemon(RESTART_AFTER_REQUESTS=restart_after)
-
-    found = [Setup(0, chosen(0)), Setup(0, chosen(1)), Setup(1, chosen(1))]
-    return list(dict.fromkeys(found))
+    """Each restart setting on the daemon's own choice of threads and on the other's: on 2 cores,
+    never restart on 2 threads (its default) and 1, restart every request on 1 (its default) and 2."""
+    if threads:
+        return [Setup(0, threads), Setup(1, threads)]
+    never, restarting = (threads_chosen_by_daemon(RESTART_AFTER_REQUESTS=n) for n in (0, 1))
+    return list(dict.fromkeys([Setup(0, never), Setup(0, restarting), Setup(1, restarting), Setup(1, never)]))
 
 
 def run(start: StartDaemon, threads: int | None, requests: int,
