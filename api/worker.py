@@ -11,6 +11,8 @@ supervisor/) it follows the contract in api.protocol:
   one client at a time: after accepting a connection it accepts no other until that client's
   request is answered, so parallel clients spread over the workers and, with restart-per-request,
   none of them meets a used model;
+- before it runs a model it takes one of the WORKERS inference slots that all workers share
+  (api.inference_slots), so spares that took a client wait instead of oversubscribing the cores;
 - it reports itself in its sentinel file (state, requests served, token heartbeat);
 - after RESTART_AFTER_REQUESTS inference requests (the supervisor passes the number, jitter
   included), or after a generation that ran over its time limit, or on a `drain` command, it
@@ -46,6 +48,7 @@ from waitress.task import WSGITask
 
 from api.app import create_app
 from api.config import ConfigError, Settings, check_model_files, load_settings
+from api.inference_slots import InferenceSlots
 from api.protocol import (
     EXIT_BAD_SOCKET,
     EXIT_CONFIG,
@@ -59,7 +62,6 @@ from api.protocol import (
     WorkerState,
     write_sentinel,
 )
-from api.inference_slots import InferenceSlots
 from api.runtime import Runtime
 
 log = logging.getLogger("api.worker")
