@@ -26,7 +26,6 @@ from api.errors import ApiError, EngineFailure, GenerationTimeout, InvalidReques
 from api.inference_slots import InferenceSlots, Release
 
 FinishReason = Literal["stop", "length"]
-ALL_SLOTS_BUSY = "the server is running as many generations as WORKERS allows; try again"
 _DISCONNECT_POLL_SECONDS = 0.2
 
 
@@ -158,18 +157,19 @@ class Generation:
     # -- lifecycle
 
     def start(self) -> None:
-        """Reserve the model and an inference slot, and start generating. Raises
-        ServiceUnavailable if either stays busy for REQUEST_TIMEOUT."""
+        """Reserve the model (ServiceUnavailable if it stays busy for REQUEST_TIMEOUT), wait for
+        an inference slot, and start generating."""
         if not self._model.acquire(timeout=self._limits.request_timeout):
             raise ServiceUnavailable("the model is busy with another request; try again", retry_after=2)
-        release_slot = self._slots.acquire(timeout=self._limits.request_timeout)
-        if release_slot is None:
+        self._release_slot = self._slots.acquire()
+        try:
+            self._started_at = time.monotonic()
+            self._observer.inference_started()
+            threading.Thread(target=self._run, name=f"generation-{self.id[:8]}", daemon=True).start()
+        except BaseException:
+            self._release_slot()  # the model thread that would have given both back never ran
             self._model.release()
-            raise ServiceUnavailable(ALL_SLOTS_BUSY, retry_after=2)
-        self._release_slot = release_slot
-        self._started_at = time.monotonic()
-        self._observer.inference_started()
-        threading.Thread(target=self._run, name=f"generation-{self.id[:8]}", daemon=True).start()
+            raise
         self._pieces = self._read_pieces()
 
     def prime(self) -> None:
@@ -296,15 +296,15 @@ class GenerationService:
 
     def embed(self, model: EmbeddingModel, texts: list[str]) -> tuple[list[list[float]], int]:
         """Embed texts; this touches a model, so the worker counts it like a generation."""
-        release_slot = self.slots.acquire(timeout=self.limits.request_timeout)
-        if release_slot is None:
-            raise ServiceUnavailable(ALL_SLOTS_BUSY, retry_after=2)
-        self.observer.inference_started()
+        release_slot = self.slots.acquire()
         try:
-            return model.embed(texts, timeout=self.limits.request_timeout)
+            self.observer.inference_started()
+            try:
+                return model.embed(texts, timeout=self.limits.request_timeout)
+            finally:
+                self.observer.inference_finished()
         finally:
             release_slot()
-            self.observer.inference_finished()
 
     def start(self, request: GenerationRequest) -> Generation:
         """Validate, render and start; errors that need no model run are raised here."""

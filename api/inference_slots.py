@@ -7,21 +7,25 @@ the threads meant for one of WORKERS (N_THREADS divides the cores by WORKERS). O
 takes one of WORKERS slots before it runs the model, and a client that reached a spare waits for
 a slot the way it would otherwise wait in the accept queue.
 
-The workers of one supervisor share its run folder; a slot is an OS lock on a file there
-(`filelock`: flock on POSIX, LockFileEx on Windows), which the OS drops when the process holding
-it dies, so a killed worker never leaks its slot.
+The workers of one supervisor share its run folder. A slot is an OS lock on a file there, which
+the OS drops when the process holding it dies, so a killed worker never leaks its slot. Waiting
+costs no CPU and keeps order: waiters queue on one more lock (the turnstile) asleep in the kernel,
+and only the one at its head looks for a free slot. (Polling waiters stole cycles from the
+generations they waited for, and a worker that had just given a slot back took it again before
+a poller noticed, so one client could starve.) There is no timeout: a slot is held by a running
+generation, which ends, or by a hung worker, which the supervisor kills.
 """
 
 from __future__ import annotations
 
-import random
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
-POLL_SECONDS = 0.005  # how often a waiting worker looks for a free slot
+POLL_SECONDS = 0.005  # how often the waiter at the head looks for one of several slots
 
 Release = Callable[[], None]
 
@@ -30,34 +34,76 @@ class InferenceSlots:
     """`count` slots shared through lock files in `folder`; no folder means no limit."""
 
     def __init__(self, folder: Path | None, count: int) -> None:
+        self.folder = folder
         self.paths = [folder / f"inference-slot-{index}.lock" for index in range(count)] if folder else []
 
-    def acquire(self, timeout: float) -> Release | None:
-        """Take a slot; return the function that gives it back, or None if none came free in time.
-        Keep that function until the inference is over: the slot is held as long as it lives."""
-        if not self.paths:
+    def acquire(self) -> Release:
+        """Wait for a slot; return the function that gives it back."""
+        if self.folder is None:
             return _nothing
-        deadline = time.monotonic() + timeout
+        turnstile = _open(self.folder / "inference-slots-queue.lock")
+        try:
+            _lock(turnstile, wait=True)
+            slot = self._take_one()
+        finally:
+            os.close(turnstile)  # closing gives up a lock held through the descriptor
+        return _closer(slot)
+
+    def _take_one(self) -> int:
+        if len(self.paths) == 1:  # the common case: wait for it asleep
+            slot = _open(self.paths[0])
+            _lock(slot, wait=True)
+            return slot
         while True:
-            lock = self._try_each()
-            if lock is not None:
-                return lock.release
-            if time.monotonic() >= deadline:
-                return None
+            for path in self.paths:
+                slot = _open(path)
+                if _lock(slot, wait=False):
+                    return slot
+                os.close(slot)
             time.sleep(POLL_SECONDS)
 
-    def _try_each(self) -> FileLock | None:
-        start = random.randrange(len(self.paths))  # waiting workers do not all try slot 0 first
-        for path in self.paths[start:] + self.paths[:start]:
-            # A new lock object each time: one object is re-entrant, so two threads of one worker
-            # (a chat and an embedding) would both get the slot through it.
-            lock = FileLock(path, thread_local=False, fallback_to_soft=False, preserve_lock_file=True)
+
+def _closer(fd: int) -> Release:
+    """Close `fd` once, however often it is called: a second close could hit a reused descriptor."""
+    left = [fd]
+    lock = threading.Lock()
+
+    def close() -> None:
+        with lock:
+            if left:
+                os.close(left.pop())
+
+    return close
+
+
+def _open(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+if sys.platform == "win32":
+    import msvcrt
+
+    def _lock(fd: int, *, wait: bool) -> bool:
+        """Lock the file's first byte (Windows drops it when the handle closes or the process dies)."""
+        while True:
             try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                continue
-            return lock
-        return None
+                os.lseek(fd, 0, os.SEEK_SET)
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError:
+                if not wait:
+                    return False
+                time.sleep(POLL_SECONDS)
+else:
+    import fcntl
+
+    def _lock(fd: int, *, wait: bool) -> bool:
+        """flock: held by the open file, so two threads of one worker each need a slot of their own."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
 
 
 def _nothing() -> None:
