@@ -38,7 +38,7 @@ class Effort:
 
 FULL = Effort(runs=15, growth_runs=5, growth_prompts=growth.PROMPT_SIZES, growth_replies=growth.REPLY_SIZES,
               restart_requests=40, restart_rounds=5, requests_per_client=6, recovery_samples=3)
-QUICK = Effort(runs=3, growth_runs=1, growth_prompts=growth.PROMPT_SIZES[:2], growth_replies=growth.REPLY_SIZES[:2],
+QUICK = Effort(runs=2, growth_runs=1, growth_prompts=growth.PROMPT_SIZES[:2], growth_replies=growth.REPLY_SIZES[:2],
                restart_requests=6, restart_rounds=2, requests_per_client=1, recovery_samples=1)
 
 

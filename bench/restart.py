@@ -72,7 +72,7 @@ def send_sequentially(service: Service, count: int) -> set[str]:
 
 def rows(chosen: list[Setup], seconds: dict[Setup, float], workers: dict[Setup, set[str]],
          requests: int) -> dict[str, dict[str, float]]:
-    """Throughput of each setup, against never-restart on the same threads and on its own threads."""
+    """Throughput of each setup, against never-restart on the same threads and on the daemon's default ones."""
     rate = {setup: requests / seconds[setup] for setup in chosen}
     never_default = rate[chosen[0]]
     table = {}
