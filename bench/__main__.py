@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -97,7 +98,14 @@ def run_scenarios(args: argparse.Namespace, launcher: Launcher, effort: Effort) 
     return results
 
 
+def handle_sigterm(_signum: int, _frame: object) -> None:
+    """Stopped from outside (a timeout, a CI runner): unwind, so every daemon started is stopped.
+    They run in sessions of their own and would outlive a benchmark that just died."""
+    raise SystemExit(143)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, handle_sigterm)
     args = parse_args(argv)
     if not args.model.is_file():
         print(f"bench: model not found: {args.model} (run ./start.sh once, or pass --model)", file=sys.stderr)
