@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
-from api.engine import SamplingParams
 from bench.measure import interleave, post_json
-from bench.overhead import InProcess, time_row
+from bench.overhead import ENDLESS_PROMPT, InProcess, time_row
 
 PROMPT_SIZES = (64, 256, 1024)
 REPLY_SIZES = (16, 64, 256)
 _FILLER = "The quick brown fox jumps over the lazy dog near the river bank. "
-_ENDLESS = "0 1 2 3 4 5 6 7"  # a prompt the model keeps continuing, so max_tokens is what stops it
 
 
 def prompt_of(baseline: InProcess, tokens: int) -> str:
@@ -23,23 +20,12 @@ def prompt_of(baseline: InProcess, tokens: int) -> str:
 
 
 def _prompt_tokens(baseline: InProcess, prompt: str) -> int:
-    baseline.model.acquire(60)
-    try:
-        run = baseline.model.generate(prompt, SamplingParams(max_tokens=1, temperature=0), lambda _t: True,
-                                      cancel=threading.Event())
-    finally:
-        baseline.model.release()
-    return run.prompt_tokens
+    return baseline.generate(prompt, 1).prompt_tokens
 
 
 def _local(baseline: InProcess, prompt: str, max_tokens: int) -> float:
     started = time.perf_counter()
-    baseline.model.acquire(60)
-    try:
-        baseline.model.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), lambda _t: True,
-                                cancel=threading.Event())
-    finally:
-        baseline.model.release()
+    baseline.generate(prompt, max_tokens)
     return time.perf_counter() - started
 
 
@@ -58,8 +44,8 @@ def run(port: int, baseline: InProcess, runs: int, prompt_sizes: tuple[int, ...]
         remote, local = interleave(runs, lambda p=prompt: _remote(port, p, 1), lambda p=prompt: _local(baseline, p, 1))
         results[f"prompt_{size}_tokens"] = time_row(remote.median, local.median)
     for size in reply_sizes:
-        remote, local = interleave(runs, lambda n=size: _remote(port, _ENDLESS, n),
-                                   lambda n=size: _local(baseline, _ENDLESS, n))
+        remote, local = interleave(runs, lambda n=size: _remote(port, ENDLESS_PROMPT, n),
+                                   lambda n=size: _local(baseline, ENDLESS_PROMPT, n))
         results[f"reply_{size}_tokens"] = time_row(remote.median, local.median)
     return results
 

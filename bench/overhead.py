@@ -12,11 +12,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.engine import ChatModel, SamplingParams
+from api.engine import ChatModel, EngineRun, SamplingParams
 from bench.measure import first_streamed_token, interleave, post_json
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]
 DECODE_TOKENS = 128
+RowMaker = Callable[[float, float], dict[str, float]]  # (daemon, in-process) -> a table row
+ENDLESS_PROMPT = "0 1 2 3 4 5 6 7"  # a prompt the model keeps continuing, so max_tokens is what stops it
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,16 @@ class InProcess:
         return self._run(DECODE_TOKENS)[0]
 
     def decode_rate(self) -> float:
-        first, total, tokens = self._run(DECODE_TOKENS, ignore_eos=True)
-        return (tokens - 1) / (total - first) if total > first else 0.0
+        return decode_rate(*self._run(DECODE_TOKENS, ignore_eos=True))
+
+    def generate(self, prompt: str, max_tokens: int, sink: Callable[[str], bool] = lambda _text: True) -> EngineRun:
+        """One greedy generation under the model's lock, as a worker runs it."""
+        self.model.acquire(60)
+        try:
+            return self.model.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), sink,
+                                       cancel=threading.Event())
+        finally:
+            self.model.release()
 
     def _run(self, max_tokens: int, ignore_eos: bool = False) -> tuple[float, float, int]:
         started = time.perf_counter()
@@ -53,13 +63,7 @@ class InProcess:
                 first.append(time.perf_counter() - started)
             return True
 
-        prompt = "0 1 2 3 4 5 6 7" if ignore_eos else self.prompt  # a prompt that does not end early
-        self.model.acquire(60)
-        try:
-            self.model.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), sink,
-                                cancel=threading.Event())
-        finally:
-            self.model.release()
+        self.generate(ENDLESS_PROMPT if ignore_eos else self.prompt, max_tokens, sink)
         total = time.perf_counter() - started
         return (first[0] if first else total), total, count
 
@@ -70,16 +74,15 @@ def _chat_body(max_tokens: int) -> dict:
 
 def run(ports: Mapping[str, int], baseline: InProcess, runs: int) -> dict[str, dict[str, float]]:
     """Measure each daemon (label -> port) against the in-process baseline, all interleaved."""
-    measures: dict[str, tuple[Callable[[int], float], Callable[[], float], int]] = {
-        "one_token_request": (http_one_token, baseline.one_token, runs),
-        "first_streamed_token": (http_first_token, baseline.first_token, runs),
-        "decode_tokens_per_second": (http_decode_rate, baseline.decode_rate, max(2, runs // 3)),
+    measures: dict[str, tuple[Callable[[int], float], Callable[[], float], int, RowMaker]] = {
+        "one_token_request": (http_one_token, baseline.one_token, runs, time_row),
+        "first_streamed_token": (http_first_token, baseline.first_token, runs, time_row),
+        "decode_tokens_per_second": (http_decode_rate, baseline.decode_rate, max(2, runs // 3), rate_row),
     }
     results = {}
-    for name, (remote, local, repeats) in measures.items():
+    for name, (remote, local, repeats, row) in measures.items():
         *daemons, in_process = interleave(repeats, *(functools.partial(remote, port) for port in ports.values()), local)
         for label, daemon in zip(ports, daemons, strict=True):
-            row = rate_row if name == "decode_tokens_per_second" else time_row
             results[f"{name}, {label}"] = row(daemon.median, in_process.median)
     return results
 
@@ -95,9 +98,14 @@ def http_first_token(port: int) -> float:
 
 
 def http_decode_rate(port: int) -> float:
-    first, total, events = first_streamed_token(port, "/v1/completions", {
-        "prompt": "0 1 2 3 4 5 6 7", "temperature": 0, "max_tokens": DECODE_TOKENS})
-    return (events - 1) / (total - first) if total > first else 0.0
+    return decode_rate(*first_streamed_token(port, "/v1/completions", {
+        "prompt": ENDLESS_PROMPT, "temperature": 0, "max_tokens": DECODE_TOKENS}))
+
+
+def decode_rate(first_token_seconds: float, total_seconds: float, tokens: int) -> float:
+    """Tokens per second after the first one (which pays for the prompt)."""
+    decode_seconds = total_seconds - first_token_seconds
+    return (tokens - 1) / decode_seconds if decode_seconds > 0 else 0.0
 
 
 def time_row(daemon_seconds: float, local_seconds: float) -> dict[str, float]:
