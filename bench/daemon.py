@@ -10,15 +10,20 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from api.config import load_settings
+from api.config import Settings, load_settings
 from tests.servers import PYTHON, ServerProcess, Service, base_env, free_port
 
 StartDaemon = Callable[..., AbstractContextManager[Service]]  # Launcher.start: settings in, a ready daemon out
 
 
+def daemon_settings(env: dict[str, str]) -> Settings:
+    """The settings a daemon started with this environment (and no .env) will run with."""
+    return load_settings(env, env_file=Path(os.devnull))
+
+
 def threads_chosen_by_daemon(**settings: object) -> int:
     """The threads per worker the daemon picks by itself (N_THREADS=0) with these settings."""
-    return load_settings(base_env(**settings), env_file=Path(os.devnull)).threads_per_worker
+    return daemon_settings(base_env(**settings)).threads_per_worker
 
 
 class Launcher:
@@ -40,7 +45,8 @@ class Launcher:
         service = Service(ServerProcess([PYTHON, "watchdog_main.py"], env, port, home / "console.log").start(), home)
         try:
             service.process.wait_ready(timeout=120)
-            expected = int(str(settings.get("WORKERS", 1))) + int(str(settings.get("WARM_SPARES", 1)))
+            chosen = daemon_settings(env)
+            expected = chosen.workers + chosen.warm_spares
             service.wait_for(lambda: service.ready_count() >= expected, 120, f"{expected} ready workers")
             yield service
         finally:
