@@ -353,7 +353,6 @@ class WorkerTask(WSGITask):
             super().service()
         finally:
             _current.task = None
-            self.channel.served_requests += 1
             lifecycle.request_finished(self)
             if public:
                 lifecycle.client_released(self.channel.client_key)
@@ -370,7 +369,6 @@ class WorkerChannel(HTTPChannel):
 
     task_class = WorkerTask
     started_requests = 0
-    served_requests = 0
 
     def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None) -> None:
         super().__init__(server, sock, addr, adj, map)
@@ -382,6 +380,14 @@ class WorkerChannel(HTTPChannel):
         if self.server.one_client_at_a_time:
             self.server.lifecycle.client_released(self.client_key)
         super().handle_close()
+
+    def awaiting_first_request(self, now: float) -> bool:
+        """Connected less than FRESH_CONNECTION_GRACE ago and no request yet: it gets that long."""
+        return not self.started_requests and now - self.creation_time < FRESH_CONNECTION_GRACE
+
+    def missed_first_request(self, now: float) -> bool:
+        """Connected FRESH_CONNECTION_GRACE ago or longer and still no request."""
+        return not self.started_requests and now - self.creation_time >= FRESH_CONNECTION_GRACE
 
 
 def inherit_listening_socket(args: argparse.Namespace) -> socket.socket:
@@ -516,9 +522,9 @@ class SupervisedWorker:
     def _release_silent_clients(self) -> None:
         """A connection that has sent no request within FRESH_CONNECTION_GRACE no longer holds the
         worker: an idle or stray connection must not keep every other client waiting."""
-        deadline = time.time() - FRESH_CONNECTION_GRACE
+        now = time.time()
         for channel in list(self.public_server.active_channels.values()):
-            if not channel.started_requests and channel.creation_time < deadline:
+            if channel.missed_first_request(now):
                 self.lifecycle.client_released(channel.client_key)
 
     def _connections_done(self) -> bool:
@@ -529,8 +535,7 @@ class SupervisedWorker:
         for channel in list(self.public_server.active_channels.values()):
             done = False
             busy = channel.requests or channel.request is not None or channel.total_outbufs_len or channel.close_when_flushed
-            fresh = not channel.served_requests and now - channel.creation_time < FRESH_CONNECTION_GRACE
-            if not busy and not fresh and not channel.will_close:
+            if not busy and not channel.awaiting_first_request(now) and not channel.will_close:
                 channel.will_close = True  # the loop thread closes it
                 self.public_server.pull_trigger()
         return done
