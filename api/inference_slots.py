@@ -13,7 +13,8 @@ costs no CPU and keeps order: waiters queue on one more lock (the turnstile) asl
 and only the one at its head looks for a free slot. (Polling waiters stole cycles from the
 generations they waited for, and a worker that had just given a slot back took it again before
 a poller noticed, so one client could starve.) There is no timeout: a slot is held by a running
-generation, which ends, or by a hung worker, which the supervisor kills.
+generation, which ends, or by a hung worker, which the supervisor kills. (On Windows, where
+msvcrt has no lock that waits, the head and the turnstile poll every POLL_SECONDS instead.)
 """
 
 from __future__ import annotations
