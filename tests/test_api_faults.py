@@ -33,17 +33,68 @@ def open_stream_and_hang_up(worker: ServerProcess, body: dict, read_bytes: int =
     return received
 
 
-def test_disconnect_mid_stream_stops_the_generation(tiny_worker: ServerProcess) -> None:
-    received = open_stream_and_hang_up(tiny_worker, ENDLESS)
-    assert b"200 OK" in received and b"data: " in received
-    # One generation at a time: this request can only run once the abandoned one has stopped.
-    # Left running, the endless one would hold the model for hours.
+def open_stream_stop_reading_and_close(worker: ServerProcess, body: dict, *, reset: bool) -> bytes:
+    """Start a streamed request, read a little, then stop reading long enough for the worker's
+    send buffers to fill (so waitress stops reading the socket) before closing it, as a client
+    library does when it abandons a streamed response it stopped reading."""
+    payload = json.dumps(body).encode()
+    connection = socket.socket()
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    connection.settimeout(10)
+    connection.connect(("127.0.0.1", worker.port))
+    try:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                           + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        received = connection.recv(4096)
+        time.sleep(2)  # not reading: the worker's output piles up in its buffers
+        if reset:
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    finally:
+        connection.close()
+    return received
+
+
+def send_pipelined_and_close(worker: ServerProcess, body: dict) -> None:
+    """Send a whole-reply request and a second one behind it on the same connection, then close it
+    without reading. waitress reads no further while a request waits its turn behind the running one,
+    so only a look at the socket itself shows that the client is gone."""
+    payload = json.dumps(body).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+               + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as connection:
+        connection.sendall(request + request)
+        time.sleep(1)  # both requests read by the worker, the first one generating
+
+
+def assert_the_model_is_free_again(worker: ServerProcess) -> None:
+    """One generation at a time: this request can only run once the abandoned one has stopped.
+    Left running, the endless one would hold the model for hours."""
     started = time.monotonic()
-    response = requests.post(tiny_worker.url + "/v1/chat/completions", timeout=15,
+    response = requests.post(worker.url + "/v1/chat/completions", timeout=15,
                              json={"messages": [{"role": "user", "content": "Hi"}], "temperature": 0})
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == TINY_CHAT_REPLY
     assert time.monotonic() - started < 5
+
+
+def test_disconnect_mid_stream_stops_the_generation(tiny_worker: ServerProcess) -> None:
+    received = open_stream_and_hang_up(tiny_worker, ENDLESS)
+    assert b"200 OK" in received and b"data: " in received
+    assert_the_model_is_free_again(tiny_worker)
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["close", "reset"])
+def test_a_client_that_stopped_reading_and_closed_stops_the_generation(tiny_worker: ServerProcess,
+                                                                       reset: bool) -> None:
+    """waitress stops reading a socket while output waits to be sent, so it never saw this close."""
+    received = open_stream_stop_reading_and_close(tiny_worker, ENDLESS, reset=reset)
+    assert b"200 OK" in received
+    assert_the_model_is_free_again(tiny_worker)
+
+
+def test_a_pipelining_client_that_closed_stops_the_generation(tiny_worker: ServerProcess) -> None:
+    send_pipelined_and_close(tiny_worker, {**ENDLESS, "stream": False})
+    assert_the_model_is_free_again(tiny_worker)
 
 
 @pytest.fixture(scope="module")

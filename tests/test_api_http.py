@@ -26,6 +26,15 @@ def test_unknown_route_is_a_json_404(tiny_worker: ServerProcess) -> None:
     assert_json_error(requests.get(tiny_worker.url + "/nope", timeout=10), 404, "no route GET /nope")
 
 
+@pytest.mark.parametrize("route", ["/gpt4all_api", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                   "/generate", "/embeddings"])
+def test_deeply_nested_json_is_a_400(tiny_worker: ServerProcess, route: str) -> None:
+    """Python's JSON parser recurses: 100,000 open brackets were a RecursionError and a 500."""
+    response = requests.post(tiny_worker.url + route, data=b"[" * 100_000,
+                             headers={"Content-Type": "application/json"}, timeout=30)
+    assert_json_error(response, 400, "nested too deeply")
+
+
 def test_oversized_body_is_a_413(tiny_worker: ServerProcess) -> None:
     body = b'{"prompt": "' + b"x" * (1024 * 1024 + 10) + b'"}'
     response = requests.post(tiny_worker.url + "/gpt4all_api", data=body,

@@ -4,7 +4,9 @@ Server-Sent Events."""
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -34,15 +36,43 @@ def json_body() -> dict[str, Any]:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidRequest(f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply to be read as JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body
 
 
 def client_disconnected() -> Callable[[], bool]:
-    """waitress tells us when the client has gone (it needs channel_request_lookahead > 0)."""
+    """A check for a client that has gone away.
+
+    waitress notices a closed connection only when its loop reads or writes it, and it stops reading
+    while a response still has bytes waiting to be sent: a streaming client that stopped reading and
+    then closed its socket went unnoticed, and its generation ran on with the inference slot taken.
+    So besides waitress's own flag, the check asks the kernel: a peek that finds the end of the stream
+    or a reset means nobody is listening. A peek takes nothing, so a pipelined request stays queued.
+    """
     check = request.environ.get("waitress.client_disconnected")
-    return check if callable(check) else (lambda: False)
+    if not callable(check):
+        return lambda: False
+    sock = getattr(getattr(check, "__self__", None), "socket", None)
+    if not isinstance(sock, socket.socket):
+        return check
+    return lambda: check() or socket_closed_by_peer(sock)
+
+
+_PEER_GONE = {errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ENOTCONN, errno.EBADF}
+
+
+def socket_closed_by_peer(sock: socket.socket) -> bool:
+    """True when the other end has closed or reset the connection (waitress keeps its sockets
+    non-blocking, and MSG_DONTWAIT says so again where it exists)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except (BlockingIOError, InterruptedError):
+        return False  # open, nothing sent: the client is still there
+    except OSError as error:
+        return error.errno in _PEER_GONE or sock.fileno() < 0
 
 
 def sse_response(events: Iterable[str]) -> Response:
