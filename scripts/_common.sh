@@ -15,6 +15,7 @@
 SETUP_PROG=${SETUP_PROG:-setup}
 SETUP_MIN_PYTHON=(3 11)   # numpy 2.4 and watchdog 7 in requirements.txt need 3.11
 SETUP_PIP_FLAGS=(-q --disable-pip-version-check --no-input)
+SETUP_VENV_MARKER=.venv-complete  # written inside the venv once `python -m venv` has finished
 
 setup_log() { printf '%s: %s\n' "$SETUP_PROG" "$*" >&2; }
 setup_die() { setup_log "error: $*"; exit 1; }
@@ -61,9 +62,16 @@ setup_venv() {
         *) VENV=$PWD/$name ;;
     esac
     PY=$VENV/bin/python
-    if [[ -x $PY ]] && "$PY" -c '' 2>/dev/null; then
+    # A venv counts only once its creation finished (the marker is written last): an interrupted
+    # `python -m venv` leaves an interpreter without pip, which every later run would trip over.
+    if [[ -x $PY && -f $VENV/$SETUP_VENV_MARKER ]] && "$PY" -c '' 2>/dev/null; then
         return 0
     fi
+    if [[ -x $PY ]] && "$PY" -c 'import pip' 2>/dev/null; then
+        : > "$VENV/$SETUP_VENV_MARKER"  # complete, made before the marker existed
+        return 0
+    fi
+    [[ -e $VENV ]] && setup_log "$VENV was left incomplete by an interrupted set-up; creating it again"
     if [[ -e $VENV && ! -f $VENV/pyvenv.cfg && -n $(ls -A "$VENV" 2>/dev/null) ]]; then
         setup_die "$VENV exists and is not a virtualenv; remove it or set VENV_NAME"
     fi
@@ -74,6 +82,7 @@ setup_venv() {
         [[ -z $created ]] || rm -rf -- "$VENV"
         setup_die "could not create the virtualenv $VENV"
     fi
+    : > "$VENV/$SETUP_VENV_MARKER"
 }
 
 # sha256 over the given files and the files they include with -r/-c lines, each file's contents
