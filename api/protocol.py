@@ -69,6 +69,14 @@ EXIT_MEANINGS = {
 }
 
 
+SIGNAL_MEANINGS = {
+    # The model file is memory-mapped: a file overwritten or truncated in place under a running
+    # worker turns its next read of those pages into SIGBUS. Replacing a file by rename is safe.
+    "SIGBUS": "a mapped file changed under it: was the model file overwritten in place? "
+              "replace model files by copying to a new name and renaming it over the old one",
+}
+
+
 def describe_exit(returncode: int) -> str:
     """`returncode` as Popen reports it (negative: killed by that signal), in words."""
     if returncode < 0:
@@ -76,7 +84,8 @@ def describe_exit(returncode: int) -> str:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        return f"killed by {name}"
+        meaning = SIGNAL_MEANINGS.get(name)
+        return f"killed by {name}" + (f" ({meaning})" if meaning else "")
     meaning = EXIT_MEANINGS.get(returncode)
     return f"exited with code {returncode}" + (f" ({meaning})" if meaning else "")
 

@@ -194,3 +194,18 @@ def test_when_the_supervisor_is_killed_every_worker_exits_within_two_seconds(
     service.process.start()
     service.process.wait_ready(timeout=30)
     assert "found the sentinel of worker" in service.log() or "supervisor (pid" in service.log()
+
+
+def test_a_model_file_overwritten_in_place_is_named_as_the_cause_of_the_sigbus(
+        start_service: Callable[..., Service], tiny_model_dir: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in (TINY_CHAT, TINY_EMBED):
+        shutil.copy(tiny_model_dir / name, models / name)
+    service = start_service(model_dir=models, RESTART_AFTER_REQUESTS=0)
+    with open(models / TINY_CHAT, "r+b") as model:  # what `cp new.gguf models/` does to a mapped file
+        model.truncate(4096)
+    with pytest.raises(requests.ConnectionError):  # the worker dies under this request
+        service.chat(timeout=10)
+    service.wait_for(lambda: "killed by SIGBUS (a mapped file changed under it: was the model file overwritten"
+                     in service.log(), 10, "the SIGBUS explained in the log")

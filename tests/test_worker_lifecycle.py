@@ -276,6 +276,7 @@ def test_sentinel_summary_reads_like_a_sentence() -> None:
 
 def test_exit_codes_and_signals_in_words() -> None:
     assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
+    assert describe_exit(-signal.SIGBUS).startswith("killed by SIGBUS (a mapped file changed under it: was the model file")
     assert describe_exit(EXIT_SERVED) == "exited with code 10 (served its requests)"
     assert describe_exit(EXIT_MODEL_LOAD_FAILED) == "exited with code 11 (the model could not be loaded)"
     assert describe_exit(1) == "exited with code 1"
