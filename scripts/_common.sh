@@ -71,10 +71,10 @@ setup_venv() {
         : > "$VENV/$SETUP_VENV_MARKER"  # complete, made before the marker existed
         return 0
     fi
-    [[ -e $VENV ]] && setup_log "$VENV was left incomplete by an interrupted set-up; creating it again"
     if [[ -e $VENV && ! -f $VENV/pyvenv.cfg && -n $(ls -A "$VENV" 2>/dev/null) ]]; then
         setup_die "$VENV exists and is not a virtualenv; remove it or set VENV_NAME"
     fi
+    [[ -e $VENV ]] && setup_log "$VENV was left incomplete by an interrupted set-up; creating it again"
     base=$(setup_base_python) || exit 1
     [[ -e $VENV ]] || created=1
     setup_log "creating virtualenv $VENV with $base"

@@ -20,12 +20,17 @@ from tests.tiny_models import TINY_CHAT_REPLY
 ENDLESS = {"prompt": "0", "temperature": 0, "max_tokens": 100_000_000, "stream": True}  # digits forever
 
 
+def raw_completion_request(body: dict) -> bytes:
+    """A whole HTTP/1.1 request for /v1/completions, for clients that misbehave on a raw socket."""
+    payload = json.dumps(body).encode()
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+
+
 def open_stream_and_hang_up(worker: ServerProcess, body: dict, read_bytes: int = 2000) -> bytes:
     """Start a streamed request on a raw socket, read a little of it, then disconnect abruptly."""
-    payload = json.dumps(body).encode()
     with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as connection:
-        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                           + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        connection.sendall(raw_completion_request(body))
         received = b""
         while len(received) < read_bytes:
             received += connection.recv(4096)
@@ -37,14 +42,12 @@ def open_stream_stop_reading_and_close(worker: ServerProcess, body: dict, *, res
     """Start a streamed request, read a little, then stop reading long enough for the worker's
     send buffers to fill (so waitress stops reading the socket) before closing it, as a client
     library does when it abandons a streamed response it stopped reading."""
-    payload = json.dumps(body).encode()
     connection = socket.socket()
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     connection.settimeout(10)
     connection.connect(("127.0.0.1", worker.port))
     try:
-        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                           + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        connection.sendall(raw_completion_request(body))
         received = connection.recv(4096)
         time.sleep(2)  # not reading: the worker's output piles up in its buffers
         if reset:
@@ -58,9 +61,7 @@ def send_pipelined_and_close(worker: ServerProcess, body: dict) -> None:
     """Send a whole-reply request and a second one behind it on the same connection, then close it
     without reading. waitress reads no further while a request waits its turn behind the running one,
     so only a look at the socket itself shows that the client is gone."""
-    payload = json.dumps(body).encode()
-    request = (b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-               + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    request = raw_completion_request(body)
     with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as connection:
         connection.sendall(request + request)
         time.sleep(1)  # both requests read by the worker, the first one generating
