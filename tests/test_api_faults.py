@@ -3,6 +3,7 @@ and many threads at once on one model (two concurrent gpt4all generations would 
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
@@ -90,6 +91,21 @@ def test_a_client_that_stopped_reading_and_closed_stops_the_generation(tiny_work
     """waitress stops reading a socket while output waits to be sent, so it never saw this close."""
     received = open_stream_stop_reading_and_close(tiny_worker, ENDLESS, reset=reset)
     assert b"200 OK" in received
+    assert_the_model_is_free_again(tiny_worker)
+
+
+def test_a_requests_client_that_abandons_a_stream_past_the_context_window_stops_the_generation(
+        tiny_worker: ServerProcess) -> None:
+    """The case CI once failed on: `requests` closes a streamed response it stopped reading while
+    the generation, past the context window, shifts its context again and again."""
+    shifts_before = tiny_worker.log_text().count("context full")
+    with requests.post(tiny_worker.url + "/v1/completions", json=ENDLESS, stream=True, timeout=30) as response:
+        lines = response.iter_lines()  # kept: dropping the iterator would close the connection early
+        assert any(line.startswith(b"data: ") for line in itertools.islice(lines, 3))
+        deadline = time.monotonic() + 20
+        while tiny_worker.log_text().count("context full") < shifts_before + 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tiny_worker.log_text().count("context full") >= shifts_before + 2, "the context never shifted"
     assert_the_model_is_free_again(tiny_worker)
 
 
