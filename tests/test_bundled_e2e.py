@@ -10,7 +10,7 @@ import openai
 import pytest
 import requests
 
-from api.bundled_models import CHAT_MODEL_NAME, EMBEDDING_MODEL_NAME, prepare_default_models
+from install.bundled_models import CHAT_MODEL_NAME, EMBEDDING_MODEL_NAME, prepare_default_models
 from tests.servers import REPO, ServerProcess, start_worker
 
 pytestmark = pytest.mark.bundled

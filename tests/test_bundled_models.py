@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 from gpt4all import Embed4All, GPT4All
 
-from api import bundled_models as bm
-from api.bundled_models import (
+from api.gguf_file import read_gguf_header
+from install import bundled_models as bm
+from install import convert
+from install.bundled_models import (
     CHAT_MODEL_NAME,
     EMBEDDING_MODEL_NAME,
     ModelPreparationError,
@@ -29,7 +31,6 @@ from api.bundled_models import (
     prepare_default_models,
     prepare_embedding_model,
 )
-from api.gguf_file import read_gguf_header
 from tests.tiny_models import build_tiny_chat_model, build_tiny_embedding_model, tiny_embedding_vocab
 
 pytestmark = pytest.mark.bundled
@@ -157,7 +158,7 @@ def test_missing_package_says_what_to_install() -> None:
 
 
 def test_unique_vocab_keeps_the_last_duplicate_like_transformers() -> None:
-    assert bm.unique_vocab(["a", "b", "a", "c"]) == ["[unused-duplicate-0]", "b", "a", "c"]
+    assert convert.unique_vocab(["a", "b", "a", "c"]) == ["[unused-duplicate-0]", "b", "a", "c"]
 
 
 def test_command_line(prepared: Prepared, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -170,7 +171,7 @@ def test_command_line(prepared: Prepared, tmp_path: Path, capsys: pytest.Capture
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     proc = subprocess.run(
-        [sys.executable, "-m", "api.bundled_models", str(blocker)], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "install.bundled_models", str(blocker)], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
     )
     assert proc.returncode == 1
     assert proc.stdout == ""
@@ -281,7 +282,7 @@ def bert_mean_embedding(ids: list[int], w: dict[str, np.ndarray], config: dict[s
 
 def test_converted_model_matches_a_numpy_forward_pass_of_the_original(embedder: Embed4All) -> None:
     source = bm._package_file(bm.EMBEDDING_PACKAGE, bm.EMBEDDING_PACKAGE_PIN, bm.EMBEDDING_PACKAGE_DIR + "/model.safetensors").parent
-    weights = bm.read_safetensors(source / "model.safetensors")
+    weights = convert.read_safetensors(source / "model.safetensors")
     vocab = {tok: i for i, tok in enumerate((source / "vocab.txt").read_text(encoding="utf-8").split("\n"))}
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from api.bundled_models import prepare_default_models
 from api.sampler_seed import SLOT_FOLDER, claim_slot
+from install.bundled_models import prepare_default_models
 from tests.servers import REPO, base_env
 
 pytestmark = pytest.mark.bundled

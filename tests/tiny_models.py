@@ -40,7 +40,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from api.bundled_models import llama_wordpiece_form, write_gguf
+from install.convert import llama_wordpiece_form, write_gguf
 
 TINY_CHAT_REPLY: str = "abcdefghijklmnopqrstuvwxyz"
 """The exact greedy reply of the tiny chat model after a prompt that ends in a newline."""
