@@ -1,4 +1,4 @@
-"""The engine: the only module that imports gpt4all.
+"""The engine: the only module that imports gpt4all, keeping the contract of api/inference.py.
 
 It loads one model per instance and runs one generation at a time (two threads on one gpt4all
 model crash the process). Everything the bindings get wrong for a server is corrected here:
@@ -19,49 +19,18 @@ import ctypes
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from gpt4all import GPT4All
 from gpt4all import _pyllmodel as bindings
 
 from api.chat_template import ChatTemplate
-from api.errors import ApiError, ContextLengthExceeded, EngineFailure, InvalidRequest, ServiceUnavailable
 from api.gguf_file import GGUFFormatError, read_metadata
+from api.inference import EngineBusy, EngineError, EngineRun, ModelLoadError, PromptTooLong, SamplingParams, TokenSink
 
 # gpt4all caps the prompt batch at 128; its generate() default of 8 costs 15-25% of first-token time.
 PROMPT_BATCH = 128
 _ERROR_TOKEN = -1
-
-
-class ModelLoadError(Exception):
-    """The model file exists but gpt4all cannot use it. str() is one line for the logs."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 40
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-
-
-@dataclass(frozen=True)
-class EngineRun:
-    """What one generation consumed and produced, counted from the bindings' callbacks."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    cancelled: bool
-    prompt_seconds: float
-    total_seconds: float
-
-
-TokenSink = Callable[[str], bool]
-"""Receives each piece of generated text; returning False stops the generation."""
 
 
 def _load(path: Path, *, n_ctx: int, n_threads: int, device: str) -> GPT4All:
@@ -88,11 +57,11 @@ def _read_model_metadata(path: Path) -> dict[str, object]:
         raise ModelLoadError(f"{path.name}: {error}") from None
 
 
-def _context_error(message: str) -> ApiError:
+def _reported_error(message: str) -> EngineError:
+    """The error the bindings reported as text through the token callback."""
     if "too long" in message or "context" in message.lower():
-        return ContextLengthExceeded(
-            f"The prompt does not fit in the model's context window: {message.strip()}", param="messages")
-    return EngineFailure(f"The model reported an error: {message.strip()}")
+        return PromptTooLong(f"The prompt does not fit in the model's context window: {message.strip()}")
+    return EngineError(f"The model reported an error: {message.strip()}")
 
 
 class ChatModel:
@@ -140,33 +109,28 @@ class ChatModel:
 
         `cancel`, once set, stops the generation at the next prompt or generated token; `progress`
         is called for each of them (the heartbeat that tells a slow generation from a hung one).
-        Raises ContextLengthExceeded or EngineFailure when the bindings report an error.
+        Raises PromptTooLong, or EngineError for any other error the bindings report.
         """
         cancel = cancel or threading.Event()
         progress = progress or (lambda: None)
         prompt_tokens = 0
         completion_tokens = 0
-        cancelled = False
         reported: list[str] = []
         started = time.perf_counter()
         first_token_at: float | None = None
 
         def on_prompt_token(_token_id: int) -> bool:
-            nonlocal prompt_tokens, cancelled
+            nonlocal prompt_tokens
             prompt_tokens += 1
             progress()
-            cancelled = cancelled or cancel.is_set()
-            return not cancelled
+            return not cancel.is_set()
 
         def on_text(token_id: int, text: str) -> bool:
-            nonlocal cancelled
             if token_id == _ERROR_TOKEN:
                 reported.append(text)
                 return False
             progress()
-            keep_going = not cancel.is_set() and sink(text)
-            cancelled = cancelled or not keep_going
-            return keep_going
+            return not cancel.is_set() and sink(text)
 
         decode = self._llmodel._callback_decoder(on_text)
 
@@ -188,12 +152,11 @@ class ChatModel:
             True, self._llmodel.context, True, ctypes.c_char_p(),
         )
         if reported:
-            raise _context_error(reported[0])
+            raise _reported_error(reported[0])
         finished = time.perf_counter()
         return EngineRun(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-            cancelled=cancelled,
             prompt_seconds=(first_token_at or finished) - started,
             total_seconds=finished - started,
         )
@@ -242,16 +205,14 @@ class EmbeddingModel:
             self._gpt4all.close()
 
     def embed(self, texts: list[str], timeout: float) -> tuple[list[list[float]], int]:
-        """Return one vector per text and the number of tokens read."""
-        if any(not text for text in texts):
-            raise InvalidRequest("input must not contain empty strings", param="input")
+        """Return one vector per text (none empty: the service checks) and the number of tokens read."""
         if not self._lock.acquire(timeout=timeout):
-            raise ServiceUnavailable("the embedding model is busy; try again", retry_after=1)
+            raise EngineBusy("the embedding model is busy; try again")
         try:
             result = self._gpt4all.model.generate_embeddings(
                 texts, prefix="", dimensionality=-1, do_mean=True, atlas=False, cancel_cb=None)
         except RuntimeError as error:
-            raise EngineFailure(f"embedding failed: {error}") from None
+            raise EngineError(f"embedding failed: {error}") from None
         finally:
             self._lock.release()
         return result["embeddings"], int(result["n_prompt_tokens"])

@@ -21,8 +21,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from api.engine import ChatModel, EmbeddingModel, EngineRun, SamplingParams
-from api.errors import ApiError, EngineFailure, GenerationTimeout, InvalidRequest, ServiceUnavailable
+from api.errors import (
+    ApiError,
+    ContextLengthExceeded,
+    EngineFailure,
+    GenerationTimeout,
+    InvalidRequest,
+    ServiceUnavailable,
+)
+from api.inference import ChatEngine, EmbeddingEngine, EngineBusy, EngineError, EngineRun, PromptTooLong, SamplingParams
 from api.inference_slots import InferenceSlots, Release
 
 FinishReason = Literal["stop", "length"]
@@ -66,6 +73,13 @@ class GenerationRequest:
     prompt: str | None = None
     stop: tuple[str, ...] = ()
     is_disconnected: Callable[[], bool] = field(default=lambda: False)
+    prompt_field: str = ""
+    """The client's name for the field that carries the prompt, for errors about it (default:
+    "messages" or "prompt", whichever is set)."""
+
+    @property
+    def prompt_param(self) -> str:
+        return self.prompt_field or ("messages" if self.messages is not None else "prompt")
 
 
 @dataclass(frozen=True)
@@ -135,7 +149,7 @@ class Generation:
     Closing it early (a client that went away) cancels the generation at its next token.
     """
 
-    def __init__(self, model: ChatModel, prompt: str, request: GenerationRequest, limits: Limits,
+    def __init__(self, model: ChatEngine, prompt: str, request: GenerationRequest, limits: Limits,
                  observer: InferenceObserver, slots: InferenceSlots) -> None:
         self.id = uuid.uuid4().hex
         self.created = int(time.time())
@@ -204,8 +218,10 @@ class Generation:
                 cancel=self._cancel, progress=self._observer.progress,
             )
             self._events.put(("end", run))
-        except ApiError as error:
-            self._events.put(("error", error))
+        except PromptTooLong as error:
+            self._events.put(("error", ContextLengthExceeded(str(error), param=self._request.prompt_param)))
+        except EngineError as error:
+            self._events.put(("error", EngineFailure(str(error))))
         except Exception as error:
             self._events.put(("error", EngineFailure(f"generation failed: {type(error).__name__}")))
         finally:
@@ -274,7 +290,7 @@ class Generation:
 
 
 class ModelResolver(Protocol):
-    def chat_model(self, requested: str | None) -> ChatModel: ...
+    def chat_model(self, requested: str | None) -> ChatEngine: ...
 
 
 class GenerationService:
@@ -287,20 +303,27 @@ class GenerationService:
         self.observer = observer or NullObserver()
         self.slots = slots or InferenceSlots(None, 0)
 
-    def render_prompt(self, model: ChatModel, request: GenerationRequest) -> str:
+    def render_prompt(self, model: ChatEngine, request: GenerationRequest) -> str:
         if request.messages is not None:
             return model.template.render(request.messages, add_generation_prompt=True)
         if request.prompt is None:
             raise InvalidRequest("a prompt or messages are required", param="prompt")
         return request.prompt
 
-    def embed(self, model: EmbeddingModel, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Embed texts; this touches a model, so the worker counts it like a generation."""
+    def embed(self, model: EmbeddingEngine, texts: list[str], field: str = "input") -> tuple[list[list[float]], int]:
+        """Embed texts (`field` is the client's name for them); this touches a model, so the
+        worker counts it like a generation."""
+        if any(not text for text in texts):
+            raise InvalidRequest(f"'{field}' must not contain empty strings", param=field)
         release_slot = self.slots.acquire()
         try:
             self.observer.inference_started()
             try:
                 return model.embed(texts, timeout=self.limits.request_timeout)
+            except EngineBusy as error:
+                raise ServiceUnavailable(str(error), retry_after=1) from None
+            except EngineError as error:
+                raise EngineFailure(str(error)) from None
             finally:
                 self.observer.inference_finished()
         finally:

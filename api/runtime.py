@@ -13,6 +13,7 @@ import threading
 from api.config import Settings
 from api.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from api.generation import GenerationService, InferenceObserver, Limits
+from api.inference import ModelLoadError
 from api.inference_slots import InferenceSlots
 from api.model_names import InstalledModel, ModelNameError, file_name_for, installed_models, model_id
 from api.sampler_seed import claim_slot
@@ -86,7 +87,7 @@ class ModelHost:
         return self._load_chat_on_demand(name, requested)
 
     def _load_chat_on_demand(self, name: str, requested: str):
-        from api.engine import ChatModel, ModelLoadError
+        from api.engine import ChatModel
 
         path = self.settings.model_path / name
         described = next((model for model in self.installed() if model.file_name == name), None)

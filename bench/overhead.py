@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.engine import ChatModel, EngineRun, SamplingParams
+from api.engine import ChatModel
+from api.inference import EngineRun, SamplingParams
 from bench.measure import first_streamed_token, interleave, post_json
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]

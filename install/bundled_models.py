@@ -20,7 +20,8 @@ Every preparation is
   checks llmodel_isModelLoaded, and generates a few tokens / embeds a sentence.
 
 `python -m install.bundled_models [MODEL_DIR]` prepares both and prints one line per model.
-This module imports nothing heavy at import time (gguf, numpy and gpt4all are imported lazily).
+This module imports nothing heavy at import time (gguf, numpy and the engine are imported lazily);
+the verifier loads each candidate with the daemon's own engine (api/engine.py).
 """
 
 from __future__ import annotations
@@ -286,32 +287,26 @@ class _VerifyFailed(Exception):
 
 
 def _verify_chat_here(path: Path) -> str:
-    from gpt4all import GPT4All
-    from gpt4all._pyllmodel import llmodel
+    """Load the candidate with the daemon's own engine and generate a few tokens."""
+    from api.engine import ChatModel
+    from api.inference import EngineError, SamplingParams
 
     try:
-        model = GPT4All(
-            path.name, model_path=path.parent, allow_download=False, device="cpu", n_ctx=512,
-            n_threads=1,  # one thread: no spin-waiting between threads, robust on a busy machine
-        )
-    except Exception as e:  # gpt4all raises RuntimeError/ValueError for unsupported files
+        model = ChatModel(path, n_ctx=512, n_threads=1)  # one thread: no spin-waiting on a busy machine
+    except EngineError as e:
         raise _VerifyFailed(f"gpt4all cannot load it: {e}") from None
     try:
-        if not llmodel.llmodel_isModelLoaded(model.model.model):
-            raise _VerifyFailed("gpt4all did not load it (llmodel_isModelLoaded is false)")
         pieces: list[str] = []
-        errors: list[str] = []
 
-        def on_token(token_id: int, text: str) -> bool:
-            (errors if token_id == -1 else pieces).append(text)
-            return token_id != -1
+        def keep(text: str) -> bool:
+            pieces.append(text)
+            return True
 
         prompt = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
-        model.model.prompt_model(
-            prompt, "%1%2", on_token, n_predict=8, temp=0, top_k=1, n_batch=128, reset_context=True, special=True
-        )
-        if errors:
-            raise _VerifyFailed(f"generation failed: {errors[0]}")
+        try:
+            model.generate(prompt, SamplingParams(max_tokens=8, temperature=0), keep)
+        except EngineError as e:
+            raise _VerifyFailed(f"generation failed: {e}") from None
         text = "".join(pieces)
         if not text.strip():
             raise _VerifyFailed("it loads but generates no text (wrong tokenizer or truncated weights?)")
@@ -321,19 +316,18 @@ def _verify_chat_here(path: Path) -> str:
 
 
 def _verify_embedding_here(path: Path) -> str:
-    from gpt4all import Embed4All
-    from gpt4all._pyllmodel import llmodel
+    """Load the candidate with the daemon's own engine and embed a word."""
+    from api.engine import EmbeddingModel
+    from api.inference import EngineError
 
     try:
-        embedder = Embed4All(path.name, model_path=path.parent, allow_download=False, device="cpu", n_threads=1)
-    except Exception as e:
+        embedder = EmbeddingModel(path, n_threads=1)
+    except EngineError as e:
         raise _VerifyFailed(f"gpt4all cannot load it: {e}") from None
     try:
-        if not llmodel.llmodel_isModelLoaded(embedder.gpt4all.model.model):
-            raise _VerifyFailed("gpt4all did not load it (llmodel_isModelLoaded is false)")
         try:
-            vec = embedder.embed("hello", prefix="")
-        except Exception as e:
+            vec = embedder.embed(["hello"], timeout=VERIFY_TIMEOUT_S)[0][0]
+        except EngineError as e:
             raise _VerifyFailed(f"embedding failed: {e}") from None
         if len(vec) != EMBEDDING_DIM:
             raise _VerifyFailed(f"it gives {len(vec)} dimensions, expected {EMBEDDING_DIM}")

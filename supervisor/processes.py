@@ -183,7 +183,7 @@ class RealProcessOps:
         self.fork_context: multiprocessing.context.BaseContext | None = None
         if self.method == "forkserver":
             self.fork_context = multiprocessing.get_context("forkserver")
-            self.fork_context.set_forkserver_preload(["api.worker", "supervisor.forked"])
+            self.fork_context.set_forkserver_preload(["api.worker", "api.forked"])
 
     def worker_arguments(self, spec: WorkerSpec, sentinel: Path) -> list[str]:
         return ["--worker-id", str(spec.worker_id), "--sentinel", str(sentinel), "--restart-after", str(spec.restart_after)]
@@ -220,7 +220,7 @@ class RealProcessOps:
         return SpawnedWorker(popen, sentinel, self.probes)
 
     def _fork(self, spec: WorkerSpec, arguments: list[str], sentinel: Path) -> WorkerProcess:
-        from supervisor.forked import start_worker
+        from api.forked import start_worker
 
         assert self.fork_context is not None
         output, child_output = socket.socketpair()

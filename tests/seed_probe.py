@@ -8,7 +8,7 @@ import sys
 import time
 
 from api.config import load_settings
-from api.engine import SamplingParams
+from api.inference import SamplingParams
 from api.runtime import ModelHost
 
 

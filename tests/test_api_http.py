@@ -42,11 +42,20 @@ def test_oversized_body_is_a_413(tiny_worker: ServerProcess) -> None:
     assert response.status_code == 413
 
 
-def test_prompt_longer_than_the_context_is_a_400(tiny_worker: ServerProcess) -> None:
-    response = requests.post(tiny_worker.url + "/v1/chat/completions", timeout=30, json={
-        "messages": [{"role": "user", "content": "word " * 400}]})  # 2000 byte tokens > 512
+LONG = "word " * 400  # 2000 byte tokens > the tiny model's 512
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, "messages"),
+    ("/v1/completions", {"prompt": LONG}, "prompt"),
+    ("/gpt4all_api", {"prompt": LONG}, "prompt"),
+], ids=["chat", "completions", "original"])
+def test_prompt_longer_than_the_context_is_a_400_naming_the_clients_field(
+        tiny_worker: ServerProcess, path: str, body: dict, field: str) -> None:
+    response = requests.post(tiny_worker.url + path, timeout=30, json=body)
     assert_json_error(response, 400, "context window")
     assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert response.json()["error"]["param"] == field
     # the worker is fine afterwards
     ok = requests.post(tiny_worker.url + "/v1/completions", json={"prompt": "a", "temperature": 0}, timeout=30)
     assert ok.status_code == 200

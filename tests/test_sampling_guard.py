@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from api.engine import SamplingParams
 from api.errors import InvalidRequest
 from api.generation import check_sampling
+from api.inference import SamplingParams
 
 
 @pytest.mark.parametrize(("values", "param"), [

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify, request
 
-from api.engine import SamplingParams
 from api.generation import GenerationRequest, Outcome
+from api.inference import SamplingParams
 from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.wire import schemas
 from api.wire.common import client_disconnected, closing, json_body, runtime
@@ -75,6 +75,7 @@ def create_blueprint(route: str) -> Blueprint:
             sampling=_sampling(body, settings.default_max_tokens),
             messages=_messages(body, settings.header, settings.footer),
             is_disconnected=client_disconnected(),
+            prompt_field="prompt",
         ))
         if stream:
             return Response(closing(iter(generation), generation.close), mimetype="text/plain",

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, jsonify
 
-from api.engine import SamplingParams
 from api.errors import ApiError
 from api.generation import Generation, GenerationRequest
+from api.inference import SamplingParams
 from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.wire import schemas
 from api.wire.common import client_disconnected, closing, json_body, runtime, sse_response
@@ -94,7 +94,7 @@ def agenerate() -> Response:
 def embeddings() -> Response:
     body = parse(schemas.LlmEmbeddingsRequest, json_body())
     state = runtime()
-    vectors, _tokens = state.service.embed(state.models.embedding_model(None), [body.text])
+    vectors, _tokens = state.service.embed(state.models.embedding_model(None), [body.text], field="text")
     return jsonify(vectors[0])
 
 

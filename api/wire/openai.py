@@ -18,9 +18,9 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from api.engine import SamplingParams
 from api.errors import ApiError, InvalidRequest, ModelNotFound
 from api.generation import Generation, GenerationRequest, Outcome
+from api.inference import SamplingParams
 from api.model_download import DISABLED_MESSAGE, DownloadDisabled
 from api.model_names import InstalledModel, ModelNameError, file_name_for, model_id
 from api.openapi import GENERATION_ERRORS, Reply, documented
@@ -404,10 +404,7 @@ def health() -> Response:
 
 
 def _embedding_inputs(body: schemas.EmbeddingRequest) -> list[str]:
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    if any(not text for text in texts):
-        raise InvalidRequest("'input' must not contain empty strings", param="input")
-    return texts
+    return [body.input] if isinstance(body.input, str) else body.input
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:

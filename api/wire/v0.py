@@ -15,9 +15,9 @@ import time
 
 from flask import Blueprint, Response, jsonify
 
-from api.engine import SamplingParams
 from api.errors import ApiError, ModelNotFound
 from api.generation import GenerationRequest
+from api.inference import SamplingParams
 from api.model_download import model_file_name, resolve_folder
 from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.wire import schemas

@@ -1,0 +1,89 @@
+"""The contract between the generation service and an engine, with nothing of gpt4all in it.
+
+api/engine.py implements `ChatEngine` and `EmbeddingEngine` on gpt4all; anything else that keeps
+the contract (a test's fake, another backend) can stand in for it. Importing this module, and so
+api/generation.py and every wire format, loads no engine: api/runtime.py imports the engine only
+when it loads a model.
+
+Engine errors say what went wrong in engine terms (the prompt is too long, the model is busy);
+the generation service turns them into API errors that name the client's own field.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from api.chat_template import ChatTemplate
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 40
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    """What one generation consumed and produced, counted from the engine's callbacks."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_seconds: float
+    total_seconds: float
+
+
+TokenSink = Callable[[str], bool]
+"""Receives each piece of generated text; returning False stops the generation."""
+
+
+class EngineError(Exception):
+    """The engine could not do what was asked. str() is one line, fit for a client and the log."""
+
+
+class PromptTooLong(EngineError):
+    """The prompt does not fit in the model's context window."""
+
+
+class EngineBusy(EngineError):
+    """The model stayed busy with another call for the whole wait."""
+
+
+class ModelLoadError(EngineError):
+    """The model file exists but the engine cannot use it."""
+
+
+class ChatEngine(Protocol):
+    """One loaded chat model that runs one generation at a time."""
+
+    name: str
+    context_length: int
+    template: ChatTemplate
+
+    def acquire(self, timeout: float) -> bool:
+        """Reserve the model for one generation; False if it stays busy for `timeout` seconds."""
+        ...
+
+    def release(self) -> None: ...
+
+    def generate(self, prompt: str, sampling: SamplingParams, sink: TokenSink, *,
+                 cancel: threading.Event | None = None, progress: Callable[[], None] | None = None) -> EngineRun:
+        """Generate on a reserved model. Raises PromptTooLong, or EngineError for anything else."""
+        ...
+
+
+class EmbeddingEngine(Protocol):
+    """One loaded embedding model."""
+
+    name: str
+
+    def embed(self, texts: list[str], timeout: float) -> tuple[list[list[float]], int]:
+        """One vector per (non-empty) text and the number of tokens read. Raises EngineBusy."""
+        ...
