@@ -75,16 +75,6 @@ def _seconds(raw: str) -> float:
     return value
 
 
-def _fraction(raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ValueError("a number between 0 and 1") from None
-    if not 0 <= value <= 1:
-        raise ValueError("a number between 0 and 1")
-    return value
-
-
 def _ip_address(raw: str) -> str:
     try:
         return str(ipaddress.ip_address(raw.strip()))

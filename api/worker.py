@@ -66,8 +66,6 @@ from api.runtime import Runtime
 
 log = logging.getLogger("api.worker")
 
-EXIT_OK = EXIT_STOPPED
-
 WAITRESS_THREADS = 4
 CONTROL_THREADS = 2  # the control port serves health probes
 PROGRESS_WRITE_INTERVAL = 0.5
@@ -106,7 +104,7 @@ def serve(settings: Settings) -> int:
     log.info("listening on http://%s:%d", settings.listen_ip, settings.listen_port)
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
-    return EXIT_OK
+    return EXIT_STOPPED
 
 
 def _load(runtime: Runtime) -> None:

@@ -21,10 +21,6 @@ class Sample:
     def median(self) -> float:
         return statistics.median(self.values)
 
-    @property
-    def median_ms(self) -> float:
-        return self.median * 1000
-
     def percentile(self, fraction: float) -> float:
         ordered = sorted(self.values)
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]

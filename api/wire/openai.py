@@ -33,7 +33,6 @@ blueprint = Blueprint("openai", __name__)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 TAGS_CHAT = ("OpenAI: chat and completions",)
 TAGS_MODELS = ("OpenAI: models and embeddings",)
-STREAM_HEADERS = {"X-Accel-Buffering": "no"}
 
 
 # -- request checks the schema cannot express
