@@ -142,6 +142,12 @@ class Field:
     default: str
     parse: Callable[[str], Any]
     help: str
+    attribute: str = ""
+    """The Settings attribute, when the key's own name (kept from the original server) says less."""
+
+    @property
+    def name(self) -> str:
+        return self.attribute or self.key.lower()
 
 
 FIELDS: tuple[Field, ...] = (
@@ -157,8 +163,9 @@ FIELDS: tuple[Field, ...] = (
     Field("VENV_NAME", ".venv", _text, "Virtualenv folder that start.sh / start.bat create and use."),
     Field("DEBUG", "false", _boolean, "Verbose logging (never exposes stack traces to clients)."),
     Field("STREAM", "false", _boolean, "Default of `stream` for the original route when a request leaves it out."),
-    Field("WATCHDOG_TEMPFILE", "run", _text, "Folder for the workers' sentinel files and the supervisor's pid file."),
-    Field("LOG_FOLDER_NAME", "logs", _text, "Folder for the log files."),
+    Field("WATCHDOG_TEMPFILE", "run", _text, "Folder for the workers' sentinel files and the supervisor's pid file.",
+          attribute="run_dir"),
+    Field("LOG_FOLDER_NAME", "logs", _text, "Folder for the log files.", attribute="log_dir"),
     Field("HEADER", "", _text, "Text put before the prompt of the original route (empty: nothing)."),
     Field("FOOTER", "", _text, "Text put after the prompt of the original route (empty: nothing)."),
     # -- models and inference
@@ -218,8 +225,8 @@ class Settings:
     venv_name: str
     debug: bool
     stream: bool
-    watchdog_tempfile: Path
-    log_folder_name: Path
+    run_dir: Path
+    log_dir: Path
     header: str
     footer: str
     embedding_model_name: str
@@ -256,14 +263,6 @@ class Settings:
     @property
     def embedding_model_file(self) -> Path:
         return self.model_path / self.embedding_model_name
-
-    @property
-    def run_dir(self) -> Path:
-        return self.watchdog_tempfile
-
-    @property
-    def log_dir(self) -> Path:
-        return self.log_folder_name
 
     @property
     def threads_per_worker(self) -> int:
@@ -307,7 +306,7 @@ def load_settings(
             if not value.strip():
                 raise ConfigError(field.key, value, "a folder path")
             value = (root / value.strip()).resolve()
-        values[field.key.lower()] = value
+        values[field.name] = value
     settings = Settings(**values)
     _check_consistency(settings)
     return settings
