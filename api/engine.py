@@ -26,7 +26,8 @@ from gpt4all import _pyllmodel as bindings
 
 from api.chat_template import ChatTemplate
 from api.gguf_file import GGUFFormatError, read_metadata
-from api.inference import EngineBusy, EngineError, EngineRun, ModelLoadError, PromptTooLong, SamplingParams, TokenSink
+from api.inference import EngineBusy, EngineError, EngineRun, ModelLoadError, PromptTooLong, TokenSink
+from api.sampling import SamplingParams
 
 # gpt4all caps the prompt batch at 128; its generate() default of 8 costs 15-25% of first-token time.
 PROMPT_BATCH = 128
@@ -162,6 +163,7 @@ class ChatModel:
         )
 
     def _set_sampling(self, sampling: SamplingParams) -> None:
+        assert sampling.max_tokens is not None, "the service resolves the default before the engine runs"
         greedy = sampling.temperature == 0
         self._llmodel._set_context(
             n_predict=sampling.max_tokens,

@@ -13,6 +13,7 @@ generation that stopped making progress even while gpt4all is stuck inside C cod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
@@ -29,8 +30,9 @@ from api.errors import (
     InvalidRequest,
     ServiceUnavailable,
 )
-from api.inference import ChatEngine, EmbeddingEngine, EngineBusy, EngineError, EngineRun, PromptTooLong, SamplingParams
+from api.inference import ChatEngine, EmbeddingEngine, EngineBusy, EngineError, EngineRun, PromptTooLong
 from api.inference_slots import InferenceSlots, Release
+from api.sampling import SamplingParams, out_of_bounds
 
 FinishReason = Literal["stop", "length"]
 _DISCONNECT_POLL_SECONDS = 0.2
@@ -61,6 +63,8 @@ class NullObserver:
 class Limits:
     request_timeout: float
     stall_timeout: float
+    default_max_tokens: int
+    """The longest reply when a request does not say (DEFAULT_MAX_TOKENS)."""
 
 
 @dataclass
@@ -279,7 +283,8 @@ class Generation:
                 continue
 
     def _outcome(self, run: EngineRun) -> Outcome:
-        hit_length = run.completion_tokens >= self._request.sampling.max_tokens and not self._stop_filter.stopped
+        limit = self._request.sampling.max_tokens  # resolved by the service before the start
+        hit_length = limit is not None and run.completion_tokens >= limit and not self._stop_filter.stopped
         return Outcome(
             prompt_tokens=run.prompt_tokens,
             completion_tokens=run.completion_tokens,
@@ -331,7 +336,8 @@ class GenerationService:
 
     def start(self, request: GenerationRequest) -> Generation:
         """Validate, render and start; errors that need no model run are raised here."""
-        check_sampling(request.sampling)
+        request = dataclasses.replace(
+            request, sampling=check_sampling(request.sampling.with_default_max_tokens(self.limits.default_max_tokens)))
         model = self.models.chat_model(request.model)
         prompt = self.render_prompt(model, request)
         generation = Generation(model, prompt, request, self.limits, self.observer, self.slots)
@@ -341,28 +347,11 @@ class GenerationService:
 
 
 def check_sampling(sampling: SamplingParams) -> SamplingParams:
-    """The service's own guard on sampling values (400 if out of range).
-
-    Each wire format declares the same ranges in api/wire/schemas.py, so clients see them in the
-    document and get errors naming their own fields; this catches whatever a wire format derives
-    or forgets to declare, before gpt4all gets it.
-    """
-
-    def fail(attribute: str, expected: str) -> None:
-        raise InvalidRequest(f"'{attribute}' must be {expected}", param=attribute)
-
-    if sampling.max_tokens < 1:
-        fail("max_tokens", "at least 1")
-    if not 0 <= sampling.temperature <= 2:
-        fail("temperature", "between 0 and 2")
-    if not 0 < sampling.top_p <= 1:
-        fail("top_p", "greater than 0 and at most 1")
-    if sampling.top_k < 0:
-        fail("top_k", "0 (off) or more")
-    if not 0 <= sampling.min_p <= 1:
-        fail("min_p", "between 0 and 1")
-    if not 0 < sampling.repeat_penalty <= 10:
-        fail("repeat_penalty", "greater than 0 and at most 10")
-    if sampling.repeat_last_n < 0:
-        fail("repeat_last_n", "0 or more")
+    """The service's own guard on sampling values (400 if out of range): the ranges of
+    api/sampling.py, which the wire formats also declare, catching whatever an adapter derives or
+    forgets to declare before the engine gets it."""
+    failed = out_of_bounds(sampling)
+    if failed is not None:
+        name, bound = failed
+        raise InvalidRequest(f"'{name}' must be {bound.expected}", param=name)
     return sampling

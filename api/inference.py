@@ -17,17 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from api.chat_template import ChatTemplate
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 40
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
+from api.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

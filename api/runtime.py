@@ -120,7 +120,7 @@ class Runtime:
         self.settings = settings
         self.models = ModelHost(settings)
         self.service = GenerationService(
-            self.models, Limits(settings.request_timeout, settings.stall_timeout), observer, slots)
+            self.models, Limits(settings.request_timeout, settings.stall_timeout, settings.default_max_tokens), observer, slots)
         self.state = RuntimeState.LOADING
         self.failure: str | None = None
 

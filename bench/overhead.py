@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.engine import ChatModel
-from api.inference import EngineRun, SamplingParams
+from api.inference import EngineRun
+from api.sampling import SamplingParams
 from bench.measure import first_streamed_token, interleave, post_json
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]

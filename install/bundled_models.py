@@ -289,7 +289,8 @@ class _VerifyFailed(Exception):
 def _verify_chat_here(path: Path) -> str:
     """Load the candidate with the daemon's own engine and generate a few tokens."""
     from api.engine import ChatModel
-    from api.inference import EngineError, SamplingParams
+    from api.inference import EngineError
+    from api.sampling import SamplingParams
 
     try:
         model = ChatModel(path, n_ctx=512, n_threads=1)  # one thread: no spin-waiting on a busy machine

@@ -8,8 +8,8 @@ import sys
 import time
 
 from api.config import load_settings
-from api.inference import SamplingParams
 from api.runtime import ModelHost
+from api.sampling import SamplingParams
 
 
 def main() -> None:

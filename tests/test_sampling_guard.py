@@ -6,7 +6,7 @@ import pytest
 
 from api.errors import InvalidRequest
 from api.generation import check_sampling
-from api.inference import SamplingParams
+from api.sampling import SamplingParams
 
 
 @pytest.mark.parametrize(("values", "param"), [

@@ -75,6 +75,12 @@ def socket_closed_by_peer(sock: socket.socket) -> bool:
         return error.errno in _PEER_GONE or sock.fileno() < 0
 
 
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    """A `stop` field as every wire format sends it (one string, a list, or nothing), empty ones dropped."""
+    stops = [stop] if isinstance(stop, str) else (stop or [])
+    return tuple(text for text in stops if text)
+
+
 def sse_response(events: Iterable[str]) -> Response:
     """Server-Sent Events, unbuffered end to end (X-Accel-Buffering stops nginx from buffering)."""
     return Response(events, mimetype="text/event-stream",

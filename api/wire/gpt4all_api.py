@@ -14,8 +14,8 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from api.generation import GenerationRequest, Outcome
-from api.inference import SamplingParams
 from api.openapi import GENERATION_ERRORS, Reply, documented
+from api.sampling import SamplingParams
 from api.wire import schemas
 from api.wire.common import client_disconnected, closing, json_body, runtime
 from api.wire.validation import parse
@@ -31,9 +31,9 @@ def _messages(body: schemas.OriginalRequest, header: str, footer: str) -> list[d
     return messages
 
 
-def _sampling(body: schemas.OriginalRequest, default_max_tokens: int) -> SamplingParams:
+def _sampling(body: schemas.OriginalRequest) -> SamplingParams:
     return SamplingParams(
-        max_tokens=body.max_tokens or default_max_tokens,
+        max_tokens=body.max_tokens,
         temperature=body.temp,
         top_p=body.top_p,
         top_k=body.top_k,
@@ -72,7 +72,7 @@ def create_blueprint(route: str) -> Blueprint:
         settings = state.settings
         stream = settings.stream if body.stream is None else body.stream
         generation = state.service.start(GenerationRequest(
-            sampling=_sampling(body, settings.default_max_tokens),
+            sampling=_sampling(body),
             messages=_messages(body, settings.header, settings.footer),
             is_disconnected=client_disconnected(),
             prompt_field="prompt",

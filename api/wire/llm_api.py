@@ -20,11 +20,10 @@ from flask import Blueprint, Response, jsonify
 
 from api.errors import ApiError
 from api.generation import Generation, GenerationRequest
-from api.inference import SamplingParams
 from api.openapi import GENERATION_ERRORS, Reply, documented
+from api.sampling import SamplingParams
 from api.wire import schemas
-from api.wire.common import client_disconnected, closing, json_body, runtime, sse_response
-from api.wire.openai import stop_strings
+from api.wire.common import client_disconnected, closing, json_body, runtime, sse_response, stop_strings
 from api.wire.validation import parse
 
 blueprint = Blueprint("llm_api", __name__)

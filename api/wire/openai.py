@@ -20,12 +20,12 @@ from flask import Blueprint, Response, jsonify
 
 from api.errors import ApiError, InvalidRequest, ModelNotFound
 from api.generation import Generation, GenerationRequest, Outcome
-from api.inference import SamplingParams
 from api.model_download import DISABLED_MESSAGE, DownloadDisabled
 from api.model_names import InstalledModel, ModelNameError, file_name_for, model_id
 from api.openapi import GENERATION_ERRORS, Reply, documented
+from api.sampling import SamplingParams
 from api.wire import schemas
-from api.wire.common import client_disconnected, downloader, json_body, runtime, sse_event, sse_response
+from api.wire.common import client_disconnected, downloader, json_body, runtime, sse_event, sse_response, stop_strings
 from api.wire.validation import parse
 
 blueprint = Blueprint("openai", __name__)
@@ -71,10 +71,9 @@ def _repeat_penalty(body: schemas.OpenAISampling) -> float:
     return repeat if repeat is not None else 1.0 + body.presence_penalty / 2
 
 
-def parse_sampling(body: schemas.OpenAISampling, default_max_tokens: int) -> SamplingParams:
-    max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
+def parse_sampling(body: schemas.OpenAISampling) -> SamplingParams:
     return SamplingParams(
-        max_tokens=max_tokens,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
@@ -82,11 +81,6 @@ def parse_sampling(body: schemas.OpenAISampling, default_max_tokens: int) -> Sam
         repeat_penalty=_repeat_penalty(body),
         repeat_last_n=body.repeat_last_n,
     )
-
-
-def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
-    stops = [stop] if isinstance(stop, str) else (stop or [])
-    return tuple(text for text in stops if text)
 
 
 def _message_content(message: schemas.ChatMessage, index: int) -> str:
@@ -201,7 +195,7 @@ def _chat_chunk(run: _Run, include_usage: bool) -> Callable[[int, str | None, st
 
 def _chat_request(body: schemas.ChatCompletionRequest) -> GenerationRequest:
     return GenerationRequest(
-        sampling=parse_sampling(body, runtime().settings.default_max_tokens),
+        sampling=parse_sampling(body),
         model=body.model,
         messages=parse_messages(body),
         stop=stop_strings(body.stop),
@@ -283,7 +277,7 @@ def completions() -> Response:
     include_usage = _include_usage(body)
     prompt = _completion_prompt(body)
     run = _Run(GenerationRequest(
-        sampling=parse_sampling(body, runtime().settings.default_max_tokens),
+        sampling=parse_sampling(body),
         model=body.model,
         prompt=apply_prompt_template(body.prompt_template, prompt) if body.prompt_template is not None else prompt,
         stop=stop_strings(body.stop),

@@ -5,8 +5,8 @@ models describe what the adapters send. api/openapi.py turns both into the OpenA
 the contract tests check real responses against it, so this file is the single written-down form
 of the interface.
 
-Ranges below are the ones the generation service accepts (api.generation.check_sampling); they are
-declared here so that clients see them in the document and get a 400 naming their own field.
+The sampling ranges come from api/sampling.py, which the generation service's guard also reads, so
+that clients see them in the document and get a 400 naming their own field.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.sampling import BOUNDS
 from api.wire.validation import NonBlank, WireModel, expect
 
 MAX_CHOICES = 8
@@ -23,14 +24,13 @@ MAX_EMBEDDING_INPUTS = 2048
 
 # -- sampling values shared by the wire formats (the service's ranges)
 
-Temperature = Annotated[float, Field(ge=0, le=2, description="Sampling temperature; 0 is greedy (deterministic).")]
-TopP = Annotated[float, Field(gt=0, le=1, description="Nucleus sampling: keep the most likely tokens up to this probability mass.")]
-TopK = Annotated[int, Field(ge=0, description="Sample among the K most likely tokens (0: no limit).")]
-MinP = Annotated[float, Field(ge=0, le=1, description="Drop tokens less likely than min_p times the most likely one.")]
-RepeatPenalty = Annotated[float, Field(gt=0, le=10,
-                                       description="Multiplicative penalty on tokens seen in the last repeat_last_n tokens (1: off).")]
-RepeatLastN = Annotated[int, Field(ge=0, description="How many recent tokens the repeat penalty looks at.")]
-MaxTokens = Annotated[int, Field(ge=1, description="Longest reply, in tokens.")]
+Temperature = BOUNDS["temperature"].annotated()
+TopP = BOUNDS["top_p"].annotated()
+TopK = BOUNDS["top_k"].annotated()
+MinP = BOUNDS["min_p"].annotated()
+RepeatPenalty = BOUNDS["repeat_penalty"].annotated()
+RepeatLastN = BOUNDS["repeat_last_n"].annotated()
+MaxTokens = BOUNDS["max_tokens"].annotated()
 ModelName = Annotated[str, Field(description="An installed model: its id or .gguf file name. Default: MODEL_NAME. Another installed "
                                              "model is loaded on demand; a model that is not installed is a 404 (retrieve it first).")]
 StopList = Annotated[list[str], Field(max_length=MAX_STOPS)]
@@ -365,7 +365,7 @@ class V0ModelList(ResponseModel):
 class LlmParams(WireModel):
     """The sampling parameters of llm-api; unknown ones are ignored."""
 
-    n_predict: MaxTokens = 300
+    n_predict: MaxTokens | None = Field(None, description="Longest reply in tokens (default: DEFAULT_MAX_TOKENS).")
     temp: Temperature = 0.1
     top_k: TopK = 40
     top_p: TopP = 0.95

@@ -17,9 +17,9 @@ from flask import Blueprint, Response, jsonify
 
 from api.errors import ApiError, ModelNotFound
 from api.generation import GenerationRequest
-from api.inference import SamplingParams
 from api.model_download import model_file_name, resolve_folder
 from api.openapi import GENERATION_ERRORS, Reply, documented
+from api.sampling import SamplingParams
 from api.wire import schemas
 from api.wire.common import client_disconnected, downloader, json_body, runtime
 from api.wire.validation import parse
@@ -35,7 +35,7 @@ def _stamp() -> str:
 
 def _sampling(body: schemas.V0Sampling) -> SamplingParams:
     return SamplingParams(
-        max_tokens=body.max_tokens or runtime().settings.default_max_tokens,
+        max_tokens=body.max_tokens,
         temperature=body.temp,
         top_p=body.top_p,
         top_k=body.top_k,
