@@ -4,10 +4,11 @@ Server-Sent Events."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from flask import Response, current_app, request
@@ -15,6 +16,7 @@ from flask import Response, current_app, request
 from api.errors import InvalidRequest
 from api.model_download import ModelDownloader
 from api.runtime import Runtime
+from api.sampling import SamplingParams
 
 T = TypeVar("T")
 
@@ -73,6 +75,19 @@ def socket_closed_by_peer(sock: socket.socket) -> bool:
         return False  # open, nothing sent: the client is still there
     except OSError as error:
         return error.errno in _PEER_GONE or sock.fileno() < 0
+
+
+def sampling_from(body: object, renamed: Mapping[str, str] | None = None, **derived: Any) -> SamplingParams:
+    """The sampling values a request model carries, as the service takes them.
+
+    Each value is read from the body under its own name or under the wire format's name for it
+    (`renamed`, e.g. {"temperature": "temp"}); `derived` gives values the wire format computes.
+    A value the body does not have keeps SamplingParams' default.
+    """
+    names = renamed or {}
+    values = {field.name: getattr(body, names.get(field.name, field.name)) for field in dataclasses.fields(SamplingParams)
+              if hasattr(body, names.get(field.name, field.name))}
+    return SamplingParams(**{**values, **derived})
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:

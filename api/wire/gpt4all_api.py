@@ -15,9 +15,8 @@ from flask import Blueprint, Response, jsonify, request
 
 from api.generation import GenerationRequest, Outcome
 from api.openapi import GENERATION_ERRORS, Reply, documented
-from api.sampling import SamplingParams
 from api.wire import schemas
-from api.wire.common import client_disconnected, closing, json_body, runtime
+from api.wire.common import client_disconnected, closing, json_body, runtime, sampling_from
 from api.wire.validation import parse
 
 
@@ -29,15 +28,6 @@ def _messages(body: schemas.OriginalRequest, header: str, footer: str) -> list[d
         messages.append({"role": "assistant", "content": body.assist})
     messages.append({"role": "user", "content": f"{header}{body.prompt}{footer}"})
     return messages
-
-
-def _sampling(body: schemas.OriginalRequest) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=body.max_tokens,
-        temperature=body.temp,
-        top_p=body.top_p,
-        top_k=body.top_k,
-    )
 
 
 def _summary(reply: str, model: str, outcome: Outcome) -> dict[str, object]:
@@ -72,7 +62,7 @@ def create_blueprint(route: str) -> Blueprint:
         settings = state.settings
         stream = settings.stream if body.stream is None else body.stream
         generation = state.service.start(GenerationRequest(
-            sampling=_sampling(body),
+            sampling=sampling_from(body, {"temperature": "temp"}),
             messages=_messages(body, settings.header, settings.footer),
             is_disconnected=client_disconnected(),
             prompt_field="prompt",

@@ -21,9 +21,8 @@ from flask import Blueprint, Response, jsonify
 from api.errors import ApiError
 from api.generation import Generation, GenerationRequest
 from api.openapi import GENERATION_ERRORS, Reply, documented
-from api.sampling import SamplingParams
 from api.wire import schemas
-from api.wire.common import client_disconnected, closing, json_body, runtime, sse_response, stop_strings
+from api.wire.common import client_disconnected, closing, json_body, runtime, sampling_from, sse_response, stop_strings
 from api.wire.validation import parse
 
 blueprint = Blueprint("llm_api", __name__)
@@ -35,15 +34,7 @@ SSE_LINE_END = "\r\n"
 
 def _start(body: schemas.LlmGenerateRequest) -> Generation:
     params = body.params or schemas.LlmParams()
-    sampling = SamplingParams(
-        max_tokens=params.n_predict,
-        temperature=params.temp,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        min_p=params.min_p,
-        repeat_penalty=params.repeat_penalty,
-        repeat_last_n=params.repeat_last_n,
-    )
+    sampling = sampling_from(params, {"max_tokens": "n_predict", "temperature": "temp"})
     return runtime().service.start(GenerationRequest(
         sampling=sampling, model=body.model, prompt=body.prompt, stop=stop_strings(params.stop),
         is_disconnected=client_disconnected()))

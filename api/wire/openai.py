@@ -25,7 +25,7 @@ from api.model_names import InstalledModel, ModelNameError, file_name_for, model
 from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.sampling import SamplingParams
 from api.wire import schemas
-from api.wire.common import client_disconnected, downloader, json_body, runtime, sse_event, sse_response, stop_strings
+from api.wire.common import client_disconnected, downloader, json_body, runtime, sampling_from, sse_event, sse_response, stop_strings
 from api.wire.validation import parse
 
 blueprint = Blueprint("openai", __name__)
@@ -72,15 +72,8 @@ def _repeat_penalty(body: schemas.OpenAISampling) -> float:
 
 
 def parse_sampling(body: schemas.OpenAISampling) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        repeat_penalty=_repeat_penalty(body),
-        repeat_last_n=body.repeat_last_n,
-    )
+    return sampling_from(body, max_tokens=body.max_completion_tokens or body.max_tokens,
+                         repeat_penalty=_repeat_penalty(body))
 
 
 def _message_content(message: schemas.ChatMessage, index: int) -> str:

@@ -19,9 +19,8 @@ from api.errors import ApiError, ModelNotFound
 from api.generation import GenerationRequest
 from api.model_download import model_file_name, resolve_folder
 from api.openapi import GENERATION_ERRORS, Reply, documented
-from api.sampling import SamplingParams
 from api.wire import schemas
-from api.wire.common import client_disconnected, downloader, json_body, runtime
+from api.wire.common import client_disconnected, downloader, json_body, runtime, sampling_from
 from api.wire.validation import parse
 
 blueprint = Blueprint("v0", __name__)
@@ -33,21 +32,9 @@ def _stamp() -> str:
     return f"{time.time():.6f}"
 
 
-def _sampling(body: schemas.V0Sampling) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=body.max_tokens,
-        temperature=body.temp,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_p=body.min_p,
-        repeat_penalty=body.repeat_penalty,
-        repeat_last_n=body.repeat_last_n,
-    )
-
-
 def _generate(body: schemas.V0Sampling, **request: object) -> str:
     generation = runtime().service.start(GenerationRequest(
-        sampling=_sampling(body), model=body.model, is_disconnected=client_disconnected(), **request))  # type: ignore[arg-type]
+        sampling=sampling_from(body, {"temperature": "temp"}), model=body.model, is_disconnected=client_disconnected(), **request))  # type: ignore[arg-type]
     return generation.text()
 
 
