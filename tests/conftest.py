@@ -37,3 +37,16 @@ def tiny_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         yield worker.wait_ready()
     finally:
         assert worker.stop() == [], "the worker left processes behind"
+
+
+FAULT_LOAD_COUNTS = pytest.StashKey[list[str]]()
+"""Lines of the fault and load suite's table (tests/test_fault_load.py), shown at the end of the run."""
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
+    """Show the fault and load counts in every run, not only with -s (where the test prints them too)."""
+    lines = config.stash.get(FAULT_LOAD_COUNTS, [])
+    if lines:
+        terminalreporter.section("fault and load: requests per outcome")
+        for line in lines:
+            terminalreporter.write_line(line)
