@@ -19,6 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
+from api.access import AccessPolicy
 from api.config import ConfigError, Settings, check_model_files, load_settings
 from api.protocol import is_sentinel_name, read_sentinel
 from supervisor.arbiter import Arbiter, Timing
@@ -110,9 +111,9 @@ class Supervisor:
             ops = RealProcessOps(listener, settings.run_dir, logs, method=settings.worker_start_method,
                                  on_exit=self.waker.wake)
             cleanup.callback(ops.close)
-            fallback = FallbackResponder(listener)
-            cleanup.callback(fallback.close)
-            self.arbiter = Arbiter(settings, ops, notify=notify, fallback=fallback, reload_settings=load_settings,
+            self.fallback = FallbackResponder(listener, AccessPolicy.from_settings(settings))
+            cleanup.callback(self.fallback.close)
+            self.arbiter = Arbiter(settings, ops, notify=notify, fallback=self.fallback, reload_settings=self.reload_settings,
                                    timing=Timing(watchdog_interval=min(1.0, notify.watchdog_interval or 1.0)))
             cleanup.callback(self.kill_survivors)
             cleanup.enter_context(self.watching(settings.run_dir))
@@ -126,6 +127,12 @@ class Supervisor:
             self.loop()
             log.info("stopped")
         return EXIT_OK
+
+    def reload_settings(self) -> Settings:
+        """SIGHUP: read the configuration again; the fallback applies the new access rules at once."""
+        settings = load_settings()
+        self.fallback.set_access(AccessPolicy.from_settings(settings))
+        return settings
 
     def loop(self) -> None:
         while self.arbiter.tick():
