@@ -4,6 +4,7 @@ itself killed. Each test asserts what clients see and what the log tells."""
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
@@ -11,8 +12,10 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -295,3 +298,69 @@ def test_a_model_file_overwritten_in_place_is_named_as_the_cause_of_the_sigbus(
         service.chat(timeout=10)
     service.wait_for(lambda: "killed by SIGBUS (a mapped file changed under it: was the model file overwritten"
                      in service.log(), 10, "the SIGBUS explained in the log")
+
+
+# -- log faults
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 256 kB tmpfs of its own, to fill up for real; unmounted afterwards."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    if not sys.platform.startswith("linux") or shutil.which("mount") is None:
+        pytest.skip("needs Linux's mount to make a small filesystem to fill up")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+def fill_up(folder: Path) -> Path:
+    """Write a file into `folder` until its filesystem is full; returns the file."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as error:
+        assert error.errno == errno.ENOSPC, error
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_log_disk_neither_stops_serving_nor_floods_the_console(
+        small_filesystem: Path, start_service: Callable[..., Service]) -> None:
+    log_file = small_filesystem / "logs" / "gpt4all-api.log"
+    service = start_service(env={"LOG_FOLDER_NAME": str(small_filesystem / "logs")})
+    filler = fill_up(small_filesystem)
+
+    def console() -> str:
+        return service.process.log_text()
+
+    # every request is served (each one a new worker, so log records keep coming) while they cannot be written
+    for _ in range(40):
+        assert service.chat(timeout=15).status_code == 200
+        if "cannot write the log file" in console() or "Logging error" in console():
+            break  # the log met the full disk
+    assert "Traceback" not in console() and "Logging error" not in console(), console()[-3000:]
+    assert "No space left on device. The service goes on" in console()
+    assert service.chat(timeout=15).status_code == 200
+    # space again: the next records say how many were lost
+    filler.unlink()
+    assert service.chat(timeout=15).status_code == 200
+    service.wait_for(lambda: "the log file can be written again: " in log_file.read_text(), 10, "the recovery note")
+    assert re.search(r"the log file can be written again: [1-9]\d* log record\(s\) were dropped", log_file.read_text())
+    # a graceful stop is a clean exit, and the console got one warning and no traceback
+    fill_up(small_filesystem)
+    service.signal(signal.SIGTERM)
+    assert service.process.process is not None and service.process.process.wait(20) == 0, console()[-3000:]
+    text = console()
+    assert text.count("cannot write the log file") == 1, text[-3000:]
+    assert "Traceback" not in text and "Logging error" not in text, text[-3000:]

@@ -21,7 +21,7 @@ import requests
 from api.access import AccessPolicy
 from api.config import load_settings
 from supervisor.fallback import FallbackResponder
-from supervisor.logs import LogWriter
+from supervisor.logs import LogFileHandler, LogWriter, TaggedFormatter
 from supervisor.main import Waker
 from supervisor.notify import SystemdNotifier
 from supervisor.pidfile import AlreadyRunning, PidFile
@@ -187,6 +187,23 @@ def test_log_writer_tags_worker_lines_splits_long_ones_and_rotates(tmp_path: Pat
     assert "[worker 3 pid 42] llama.cpp: no newline at the end" in console.getvalue()
     assert (tmp_path / "gpt4all-api.log.1").exists() and not (tmp_path / "gpt4all-api.log.3").exists()
     assert "filler line 99" in text
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a file whose writes fail with ENOSPC")
+def test_a_log_file_that_cannot_be_written_warns_the_console_once_and_counts_what_it_dropped() -> None:
+    console = io.StringIO()
+    console_handler = logging.StreamHandler(console)
+    handler = LogFileHandler(Path("/dev/full"), max_bytes=4096, backups=2, tell=console_handler.handle)
+    handler.setFormatter(TaggedFormatter())
+    try:
+        for index in range(500):
+            handler.handle(logging.LogRecord("supervisor", logging.INFO, "", 0, "record %d", (index,), None))
+    finally:
+        handler.close()
+    lines = console.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert "cannot write the log file /dev/full: [Errno 28] No space left on device. The service goes on" in lines[0]
+    assert "500 log record(s) could not be written to the log file /dev/full" in lines[1]
 
 
 def test_waker_wakes_a_waiting_loop_at_once_and_is_safe_to_call_often() -> None:
