@@ -355,7 +355,8 @@ class Arbiter:
             self.record_failure(handle, f"{handle.name} {how} {handle.doing()}{detail}", now,
                                 for_clients=describe_failure_for_clients(code, handle.doing()))
 
-    def record_failure(self, handle: WorkerHandle, story: str, now: float, *, for_clients: str) -> None:
+    def record_failure(self, handle: WorkerHandle, story: str, now: float, *, for_clients: str = "a worker failed") -> None:
+        """`story` goes to the log; `for_clients`, the same without pid, exit code or path, to the 503."""
         if self.stopping:
             log.warning("%s. %s", story, handle.last_words())
             return
