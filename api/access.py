@@ -1,7 +1,8 @@
 """Who may call the API: an optional API key and an optional list of client addresses.
 
-Both checks run before any route. `/health` stays open without a key so supervisors and load
-balancers can probe it, but it still obeys AUTHORIZED_URLS.
+Both checks run before any route. The health checks stay open without a key so supervisors and
+load balancers can probe them (and the documentation with DOCS_PUBLIC), but they still obey
+AUTHORIZED_URLS. No Flask here: the supervisor's 503 fallback makes the same decision.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ import logging
 import socket
 from collections.abc import Iterable
 
+from api.config import Settings
 from api.errors import Forbidden, Unauthorized
 
 log = logging.getLogger("api.access")
+
+# Routes a supervisor or load balancer probes (the health checks of each interface): no API key needed.
+OPEN_PATHS = frozenset({"/health", "/v1/health", "/v1/health/", "/check"})
+DOCS_PATH = "/docs"
+DOCUMENT_PATH = "/openapi.json"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -40,12 +47,30 @@ def parse_networks(entries: Iterable[str]) -> list[Network]:
     return networks
 
 
+def is_docs_path(path: str) -> bool:
+    return path in (DOCS_PATH, DOCUMENT_PATH) or path.startswith(DOCS_PATH + "/")
+
+
 class AccessPolicy:
-    def __init__(self, api_key: str, authorized: Iterable[str]) -> None:
+    def __init__(self, api_key: str, authorized: Iterable[str], *, docs_public: bool = False) -> None:
         entries = tuple(authorized)
         self._key = api_key.encode()
         self._networks = parse_networks(entries)
         self._restricted = bool(entries)
+        self._docs_public = docs_public
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AccessPolicy:
+        return cls(settings.api_key, settings.authorized_urls, docs_public=settings.docs_public)
+
+    def check(self, remote_addr: str | None, path: str, authorization: str | None, api_key_header: str | None) -> None:
+        """The whole decision for one request: raises Forbidden (403) or Unauthorized (401), or returns."""
+        self.check_client(remote_addr)
+        if self.needs_key(path):
+            self.check_key(authorization, api_key_header)
+
+    def needs_key(self, path: str) -> bool:
+        return not (path in OPEN_PATHS or (self._docs_public and is_docs_path(path)))
 
     def check_client(self, remote_addr: str | None) -> None:
         if not self._restricted:

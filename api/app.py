@@ -18,18 +18,11 @@ from api.access import AccessPolicy
 from api.config import Settings
 from api.errors import ApiError, EngineFailure, MethodNotAllowed, NotFound, PayloadTooLarge
 from api.model_download import ModelDownloader
-from api.openapi import DOCS_PATH, DOCUMENT_PATH
 from api.runtime import Runtime
 
 log = logging.getLogger("api.app")
 
-# Routes a supervisor or load balancer probes (the health checks of each interface): no API key needed.
-OPEN_PATHS = frozenset({"/health", "/v1/health", "/v1/health/", "/check"})
 WORKER_HEADER = "X-Worker-Pid"
-
-
-def _is_docs_path(path: str) -> bool:
-    return path in (DOCS_PATH, DOCUMENT_PATH) or path.startswith(DOCS_PATH + "/")
 
 
 def error_response(error: ApiError) -> Response:
@@ -62,14 +55,12 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
     app.json.sort_keys = False  # keep the documented field order of each wire format
     app.extensions["runtime"] = runtime
     app.extensions["downloader"] = ModelDownloader(settings)
-    policy = AccessPolicy(settings.api_key, settings.authorized_urls)
+    policy = AccessPolicy.from_settings(settings)
 
     @app.before_request
     def check_access() -> None:
-        policy.check_client(request.remote_addr)
-        if request.path in OPEN_PATHS or (settings.docs_public and _is_docs_path(request.path)):
-            return
-        policy.check_key(request.headers.get("Authorization"), request.headers.get("X-Api-Key"))
+        policy.check(request.remote_addr, request.path, request.headers.get("Authorization"),
+                     request.headers.get("X-Api-Key"))
 
     @app.after_request
     def tag_worker(response: Response) -> Response:

@@ -24,13 +24,12 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, send_from_di
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
+from api.access import DOCS_PATH, DOCUMENT_PATH
 from api.config import Settings
 from api.errors import NotFound
 from api.wire.schemas import ErrorResponse
 
 API_VERSION = "0.1.0"
-DOCS_PATH = "/docs"
-DOCUMENT_PATH = "/openapi.json"
 REF_TEMPLATE = "#/components/schemas/{model}"
 TAG_ORDER = ("Original GPT4All API", "OpenAI: chat and completions", "OpenAI: models and embeddings",
              "Flask GPT4All server (/v0)", "Generic LLM API", "Health", "Documentation")

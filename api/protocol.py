@@ -90,6 +90,18 @@ def describe_exit(returncode: int) -> str:
     return f"exited with code {returncode}" + (f" ({meaning})" if meaning else "")
 
 
+def describe_failure_for_clients(returncode: int, doing: str) -> str:
+    """How a worker failed, in words any client may read: no pid, exit code or path (the log has
+    those). `doing` says when, as WorkerHandle.doing() does ("while loading its model")."""
+    if returncode == EXIT_MODEL_LOAD_FAILED:
+        return "the model could not be loaded"
+    if returncode == EXIT_CONFIG:
+        return "the configuration is invalid"
+    if returncode < 0:
+        return f"a worker crashed {doing}"
+    return f"a worker exited unexpectedly {doing}"
+
+
 # -- the sentinel file
 
 SENTINEL_PREFIX = "worker-"

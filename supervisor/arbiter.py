@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from api.config import ConfigError, Settings
-from api.protocol import CLEAN_EXITS, EXIT_SERVED, Command, Sentinel, WorkerState, describe_exit
+from api.protocol import CLEAN_EXITS, EXIT_SERVED, Command, Sentinel, WorkerState, describe_exit, describe_failure_for_clients
 from supervisor.policy import Backoff, restart_after_with_jitter
 
 log = logging.getLogger("supervisor")
@@ -222,7 +222,8 @@ class Arbiter:
         self.signals: collections.deque[str] = collections.deque()  # names ("SIGTERM"), queued by handlers
         self.backoff = Backoff(maximum=self.settings.restart_backoff_max, rng=self.rng)
         self.next_spawn_at = 0.0
-        self.last_failure = ""
+        self.last_failure = ""  # the story of the last failure, for the log
+        self.failure_for_clients = ""  # the same without pid, exit code or path, for the 503 fallback
         self.next_worker_id = 1
         self.generation = 1
         self.reloading = False
@@ -340,7 +341,8 @@ class Arbiter:
         """Log how a worker ended and decide whether it counts as a failure."""
         how = describe_exit(code)
         if handle.hang_cause:
-            self.record_failure(handle, f"{handle.name} was stopped because {handle.hang_cause}; it is gone ({how})", now)
+            self.record_failure(handle, f"{handle.name} was stopped because {handle.hang_cause}; it is gone ({how})", now,
+                                for_clients=f"a worker was stopped because {handle.hang_cause}")
         elif handle.stop_requested or self.stopping:
             log.info("%s stopped (%s) after serving %d request(s)", handle.name, how, handle.served)
         elif code in CLEAN_EXITS:
@@ -350,15 +352,18 @@ class Arbiter:
                 self.backoff.reset()
         else:
             detail = f": {handle.sentinel.reason}" if handle.sentinel and handle.sentinel.reason else ""
-            self.record_failure(handle, f"{handle.name} {how} {handle.doing()}{detail}", now)
+            self.record_failure(handle, f"{handle.name} {how} {handle.doing()}{detail}", now,
+                                for_clients=describe_failure_for_clients(code, handle.doing()))
 
-    def record_failure(self, handle: WorkerHandle, story: str, now: float) -> None:
+    def record_failure(self, handle: WorkerHandle, story: str, now: float, *, for_clients: str = "a worker failed") -> None:
+        """`story` goes to the log; `for_clients`, the same without pid, exit code or path, to the 503."""
         if self.stopping:
             log.warning("%s. %s", story, handle.last_words())
             return
         delay = self.backoff.record_failure()
         self.next_spawn_at = now + delay
         self.last_failure = story
+        self.failure_for_clients = for_clients
         if delay:
             plan = f"That makes {self.backoff.failures} failures in a row: the next worker starts in {delay:.1f} s (backoff)."
         else:
@@ -550,6 +555,7 @@ class Arbiter:
             delay = self.backoff.record_failure()
             self.next_spawn_at = now + max(delay, self.timing.tick)
             self.last_failure = f"a worker process could not be started: {error}"
+            self.failure_for_clients = "a worker process could not be started"
             log.error("%s; retrying in %.1f s", self.last_failure, self.next_spawn_at - now)
             return None
         handle = WorkerHandle(spec.worker_id, child, self.generation, spawned_at=now, phase_since=now,
@@ -561,8 +567,10 @@ class Arbiter:
     # -- tell the world
 
     def unavailable_reason(self, retry_after: int) -> str:
-        return (f"No worker can serve requests right now: {self.last_failure}. "
-                f"{self.backoff.failures} attempt(s) failed in a row; the next one starts in about {retry_after} s.")
+        """What clients read (whoever they are): what is wrong, without the log's pids and paths."""
+        return (f"No worker can serve requests right now: {self.failure_for_clients}. "
+                f"{self.backoff.failures} attempt(s) failed in a row; the next one starts in about {retry_after} s. "
+                "The service log has the details.")
 
     def update_fallback(self) -> None:
         """Answer clients with a 503 that says why, but only while no worker process exists that

@@ -6,49 +6,96 @@ those connections and answers every request with a 503 in the OpenAI error forma
 `Retry-After` header and a message that says why. It never races a worker: the arbiter enables it
 only while no worker process that could accept exists, and `disable()` returns only once no
 further `accept()` can happen, before the arbiter spawns the next worker.
+
+It applies the workers' own access rules (api/access.py: AUTHORIZED_URLS, then API_KEY on every
+route but the health checks), so a client that a worker would refuse gets the worker's 403 or 401
+here too, and learns nothing about the service's trouble.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http
 import json
 import select
 import socket
 import threading
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+from api.access import AccessPolicy
+from api.errors import ApiError, ServiceUnavailable
 
 READ_TIMEOUT = 2.0
 MAX_HEADER_BYTES = 65536
 MAX_BODY_BYTES = 1 << 20
 
 
-def unavailable_response(reason: str, retry_after: int) -> bytes:
-    body = json.dumps({"error": {"message": reason, "type": "server_error", "param": None,
-                                 "code": "service_unavailable"}}).encode()
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        f"Retry-After: {retry_after}\r\n"
-        "Connection: close\r\n"
-        "Server: gpt4all-api-supervisor\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
+@dataclass(frozen=True)
+class RequestHead:
+    """What the access decision needs from a request: its path and headers (lower-case names)."""
+
+    path: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, head: bytes) -> RequestHead:
+        """Parse leniently: an unreadable request gets an empty path, which needs the API key."""
+        request_line, *lines = head.decode("latin-1").split("\r\n")
+        parts = request_line.split(" ")
+        target = parts[1] if len(parts) == 3 else ""
+        path = unquote(target.partition("?")[0] if target.startswith("/") else urlsplit(target).path)
+        headers: dict[str, str] = {}
+        for line in lines:
+            name, colon, value = line.partition(":")
+            name = name.strip().lower()
+            if not colon or "_" in name:  # waitress drops names with "_" too (X_Api_Key is not X-Api-Key)
+                continue
+            value = value.strip(" \t")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value  # joined, as waitress does
+        return cls(path, headers)
+
+
+def error_response(error: ApiError) -> bytes:
+    """`error` as a complete HTTP response, in the same JSON shape as a worker's."""
+    body = json.dumps(error.to_dict(), separators=(",", ":")).encode() + b"\n"
+    head = [f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}",
+            "Content-Type: application/json", f"Content-Length: {len(body)}"]
+    if error.retry_after is not None:
+        head.append(f"Retry-After: {error.retry_after}")
+    head += ["Connection: close", "Server: gpt4all-api-supervisor"]
+    return "\r\n".join([*head, "", ""]).encode("latin-1") + body
+
+
+def decide(request: RequestHead, client: str, access: AccessPolicy, unavailable: ApiError) -> ApiError:
+    """The answer for one request: the workers' refusal if they would refuse it, else the 503."""
+    try:
+        access.check(client, request.path, request.headers.get("authorization"), request.headers.get("x-api-key"))
+    except ApiError as refusal:
+        return refusal
+    return unavailable
 
 
 class FallbackResponder:
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, access: AccessPolicy) -> None:
         self._listener = listener
         self._condition = threading.Condition()
         self._enabled = False
         self._closed = False
-        self._response = b""
+        self._access = access
+        self._unavailable: ApiError = ServiceUnavailable("No worker can serve requests right now.")
         self.answered = 0
         self._thread = threading.Thread(target=self._run, name="fallback-503", daemon=True)
         self._thread.start()
 
+    def set_access(self, access: AccessPolicy) -> None:
+        """Apply reloaded access settings (API_KEY, AUTHORIZED_URLS, DOCS_PUBLIC)."""
+        with self._condition:
+            self._access = access
+
     def enable(self, reason: str, retry_after: int) -> None:
         with self._condition:
-            self._response = unavailable_response(reason, retry_after)
+            self._unavailable = ServiceUnavailable(reason, retry_after=retry_after)
             self._enabled = True
             self._condition.notify_all()
 
@@ -81,37 +128,44 @@ class FallbackResponder:
                 if not self._enabled:
                     continue
                 try:
-                    connection, _address = self._listener.accept()
+                    connection, address = self._listener.accept()
                 except (BlockingIOError, InterruptedError):
                     continue  # a worker or another thread took it
                 except OSError:
                     return
-                response = self._response
+                access, unavailable = self._access, self._unavailable
             self.answered += 1
-            threading.Thread(target=answer, args=(connection, response), name="fallback-answer", daemon=True).start()
+            threading.Thread(target=answer, args=(connection, str(address[0]), access, unavailable),
+                             name="fallback-answer", daemon=True).start()
 
 
-def answer(connection: socket.socket, response: bytes) -> None:
+def answer(connection: socket.socket, client: str, access: AccessPolicy, unavailable: ApiError) -> None:
     """Read the request (so closing does not reset the connection before the client reads), answer, close."""
     with connection:
         connection.settimeout(READ_TIMEOUT)
         with contextlib.suppress(OSError):
-            data = b""
-            while b"\r\n\r\n" not in data and len(data) < MAX_HEADER_BYTES:
-                chunk = connection.recv(8192)
-                if not chunk:
-                    break
-                data += chunk
-            head, _, body = data.partition(b"\r\n\r\n")
-            remaining = min(_content_length(head), MAX_BODY_BYTES) - len(body)
-            while remaining > 0:
-                chunk = connection.recv(min(remaining, 65536))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-            connection.sendall(response)
+            request = read_request(connection)
+            connection.sendall(error_response(decide(request, client, access, unavailable)))
             connection.shutdown(socket.SHUT_WR)
             connection.recv(1024)  # wait briefly for the client to close first
+
+
+def read_request(connection: socket.socket) -> RequestHead:
+    """Read the head and (up to a limit) the body, then parse the head."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < MAX_HEADER_BYTES:
+        chunk = connection.recv(8192)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    remaining = min(_content_length(head), MAX_BODY_BYTES) - len(body)
+    while remaining > 0:
+        chunk = connection.recv(min(remaining, 65536))
+        if not chunk:
+            break
+        remaining -= len(chunk)
+    return RequestHead.parse(head)
 
 
 def _content_length(head: bytes) -> int:

@@ -11,15 +11,21 @@ the console. Each line is stamped and tagged with where it came from:
 
 A pipe is read from the moment its worker starts until end of file, so a chatty worker can never
 block on a full pipe.
+
+A log file that cannot be written (a full disk, say) never stops the service and never floods the
+console: the console gets one warning, the records that cannot be written are counted, and the
+count goes into the file once it can be written again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -38,18 +44,100 @@ class TaggedFormatter(logging.Formatter):
         return super().format(record)
 
 
+def supervisor_record(level: int, message: str) -> logging.LogRecord:
+    return logging.LogRecord("supervisor", level, "", 0, message, None, None)
+
+
+class LogFileHandler(logging.handlers.RotatingFileHandler):
+    """The rotating log file, for which a failed write is an event to count, not a traceback.
+
+    `tell` reaches the console. It hears of the first failure, of the recovery, and of records
+    still unwritten at the end; a failure that comes back within CONSOLE_QUIET seconds of the
+    last warning is only counted (a disk that hovers at full must not flood the console either).
+    """
+
+    CONSOLE_QUIET = 300.0
+
+    def __init__(self, path: Path, *, max_bytes: int, backups: int,
+                 tell: Callable[[logging.LogRecord], object]) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+        self._tell = tell
+        self.dropped = 0  # records not written since the file last worked
+        self._error: BaseException | None = None  # why the last write failed
+        self._console_told_at: float | None = None  # when the console last heard of a failure
+        self._console_knows = False  # it heard of the current one (so it hears of the recovery too)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.dropped and not self._report_recovery():
+            self.dropped += 1
+            return
+        if not self._write(record):
+            if not self.dropped:
+                self._warn_console()
+            self.dropped += 1
+
+    def _write(self, record: logging.LogRecord) -> bool:
+        self._error = None
+        super().emit(record)  # calls handleError() on failure
+        return self._error is None
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging.Handler's name
+        """A write, flush, rotation or reopening failed: remember why, drop the stream with what it
+        buffered, and reopen the file at the next record."""
+        self._error = sys.exc_info()[1] or OSError("unknown error")
+        stream, self.stream = self.stream, None  # type: ignore[assignment]
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.close()
+
+    def _warn_console(self) -> None:
+        now = time.monotonic()
+        if self._console_told_at is not None and now - self._console_told_at < self.CONSOLE_QUIET:
+            return
+        self._console_told_at = now
+        self._console_knows = True
+        self._tell(supervisor_record(logging.WARNING, (
+            f"cannot write the log file {self.baseFilename}: {self._error}. The service goes on; log records "
+            "are dropped, and counted, until the file can be written again.")))
+
+    def _report_recovery(self) -> bool:
+        """Write how many records were lost; False if the file still cannot be written."""
+        why = self._error
+        note = supervisor_record(logging.WARNING, f"the log file can be written again: {self.dropped} log record(s) "
+                                                  f"were dropped while it could not ({why})")
+        if not self._write(note):
+            return False
+        self.dropped = 0
+        if self._console_knows:
+            self._console_knows = False
+            self._tell(note)
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the last flush may meet the same full disk
+            super().close()
+        if self.dropped:
+            self._tell(supervisor_record(logging.WARNING, (
+                f"{self.dropped} log record(s) could not be written to the log file {self.baseFilename} "
+                f"({self._error})")))
+            self.dropped = 0
+
+
 class LogWriter:
     def __init__(self, folder: Path, *, max_bytes: int, backups: int, level: int = logging.INFO,
                  console: IO[str] | None = sys.stderr) -> None:
+        """Raises OSError if the log file cannot be created or opened in `folder`."""
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / LOG_FILE_NAME
         self.level = level
         self.queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
         formatter = TaggedFormatter()
-        handlers: list[logging.Handler] = [
-            logging.handlers.RotatingFileHandler(self.path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")]
-        if console is not None:
-            handlers.append(logging.StreamHandler(console))
+        console_handler = logging.StreamHandler(console) if console is not None else None
+        handlers: list[logging.Handler] = [LogFileHandler(
+            self.path, max_bytes=max_bytes, backups=backups,
+            tell=console_handler.handle if console_handler else lambda _record: None)]
+        if console_handler is not None:
+            handlers.append(console_handler)
         for handler in handlers:
             handler.setFormatter(formatter)
         self.handlers = handlers

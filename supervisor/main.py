@@ -17,8 +17,10 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+from api.access import AccessPolicy
 from api.config import ConfigError, Settings, check_model_files, load_settings
 from api.protocol import is_sentinel_name, read_sentinel
 from supervisor.arbiter import Arbiter, Timing
@@ -84,6 +86,16 @@ def bind_listener(settings: Settings) -> socket.socket:
     return listener
 
 
+@contextlib.contextmanager
+def unwritable_folder_is_a_config_error(key: str, folder: Path) -> Iterator[None]:
+    """A folder setting the supervisor cannot write in gets the one-line message of any bad setting."""
+    try:
+        yield
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        raise ConfigError(key, str(folder), f"a folder this service can write in ({where}{error.strerror or error})") from None
+
+
 class Supervisor:
     def __init__(self, settings: Settings, *, control_stdin: bool = False) -> None:
         self.settings = settings
@@ -95,12 +107,15 @@ class Supervisor:
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(self.waker.close)
             pid_file = PidFile(settings.run_dir)
-            pid_file.acquire()
+            with unwritable_folder_is_a_config_error("WATCHDOG_TEMPFILE", settings.run_dir):
+                pid_file.acquire()
             cleanup.callback(pid_file.release)
             listener = bind_listener(settings)
             cleanup.callback(listener.close)
-            logs = LogWriter(settings.log_dir, max_bytes=settings.log_max_bytes, backups=settings.log_backups,
-                             level=logging.DEBUG if settings.debug else logging.INFO).start()
+            with unwritable_folder_is_a_config_error("LOG_FOLDER_NAME", settings.log_dir):
+                logs = LogWriter(settings.log_dir, max_bytes=settings.log_max_bytes, backups=settings.log_backups,
+                                 level=logging.DEBUG if settings.debug else logging.INFO)
+            logs.start()
             cleanup.callback(logs.stop)
             self.clear_stale_sentinels()
             notify = SystemdNotifier()
@@ -110,9 +125,9 @@ class Supervisor:
             ops = RealProcessOps(listener, settings.run_dir, logs, method=settings.worker_start_method,
                                  on_exit=self.waker.wake)
             cleanup.callback(ops.close)
-            fallback = FallbackResponder(listener)
-            cleanup.callback(fallback.close)
-            self.arbiter = Arbiter(settings, ops, notify=notify, fallback=fallback, reload_settings=load_settings,
+            self.fallback = FallbackResponder(listener, AccessPolicy.from_settings(settings))
+            cleanup.callback(self.fallback.close)
+            self.arbiter = Arbiter(settings, ops, notify=notify, fallback=self.fallback, reload_settings=self.reload_settings,
                                    timing=Timing(watchdog_interval=min(1.0, notify.watchdog_interval or 1.0)))
             cleanup.callback(self.kill_survivors)
             cleanup.enter_context(self.watching(settings.run_dir))
@@ -126,6 +141,12 @@ class Supervisor:
             self.loop()
             log.info("stopped")
         return EXIT_OK
+
+    def reload_settings(self) -> Settings:
+        """SIGHUP: read the configuration again; the fallback applies the new access rules at once."""
+        settings = load_settings()
+        self.fallback.set_access(AccessPolicy.from_settings(settings))
+        return settings
 
     def loop(self) -> None:
         while self.arbiter.tick():
@@ -235,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         return Supervisor(settings, control_stdin=args.control_stdin).run()
+    except ConfigError as error:  # a folder setting found unusable while starting
+        print(error, file=sys.stderr)
+        return EXIT_CONFIG
     except (AlreadyRunning, StartupError) as error:
         print(f"gpt4all-api: {error}", file=sys.stderr)
         return EXIT_CANNOT_START

@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import signal
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -323,7 +324,7 @@ def test_crash_loop_at_start_backs_off_exponentially_one_trial_at_a_time_with_a_
     h.tick()
     assert h.fallback.enabled is not None
     reason, retry_after = h.fallback.enabled
-    assert "could not be loaded: Unsupported file format" in reason and "exited with code 11" in reason
+    assert reason.startswith("No worker can serve requests right now: the model could not be loaded.")
     assert 1 <= retry_after <= 9
 
 
@@ -360,11 +361,52 @@ def test_recovery_resets_the_backoff_after_a_served_request() -> None:
     assert len(h.ops.alive()) == 2, "back to full size at once"
 
 
+MODEL_GONE = ("the model m.gguf could not be loaded: configuration error: MODEL_NAME='m.gguf' is invalid: "
+              "expected a model file in MODEL_PATH (/srv/llm/models); no such file")
+
+
+def load_fails_with_a_path_in_its_reason(child: FakeChild) -> None:
+    child.report(WorkerState.BOOTING, reason=MODEL_GONE)
+    child.returncode = EXIT_MODEL_LOAD_FAILED
+
+
+def crashes_while_loading(child: FakeChild) -> None:
+    child.report(WorkerState.BOOTING)
+    child.returncode = -signal.SIGABRT
+
+
+@pytest.mark.parametrize(("fault", "for_clients", "in_the_log"), [
+    (load_fails_with_a_path_in_its_reason, "the model could not be loaded", "/srv/llm/models"),
+    (crashes_while_loading, "a worker crashed while loading its model", "killed by SIGABRT while loading its model"),
+], ids=["model-load-fails", "crash"])
+def test_the_503_says_what_is_wrong_without_pids_exit_codes_or_paths_which_stay_in_the_log(
+        caplog: pytest.LogCaptureFixture, fault: Callable[[FakeChild], None], for_clients: str, in_the_log: str) -> None:
+    caplog.set_level(logging.INFO, logger="supervisor")
+    h = Harness(WARM_SPARES=0)
+    for _ in range(400):  # every worker meets the fault, until the fallback answers
+        for child in h.ops.alive():
+            if child.sentinel is None:
+                fault(child)
+        h.tick(0.25)
+        if h.fallback.enabled:
+            break
+    assert h.fallback.enabled is not None, caplog.text
+    reason, _ = h.fallback.enabled
+    assert reason.startswith(f"No worker can serve requests right now: {for_clients}"), reason
+    assert "The service log has the details." in reason
+    pids = [child.pid for child in h.ops.children]
+    for secret in ("pid", *map(str, pids), "/srv/llm/models", "code", "SIG"):
+        assert secret not in reason
+    assert in_the_log in caplog.text and f"(pid {pids[0]})" in caplog.text
+
+
 def test_spawn_errors_count_as_failures_and_are_retried() -> None:
     h = Harness()
     h.ops.fail_spawn = True
     h.tick()
     assert h.arbiter.backoff.failures >= 1 and "could not be started" in h.arbiter.last_failure
+    assert h.fallback.enabled is not None
+    assert h.fallback.enabled[0].startswith("No worker can serve requests right now: a worker process could not be started.")
     h.ops.fail_spawn = False
     h.run(3)
     assert len(h.ops.alive()) == 1, "while failing, one trial at a time"

@@ -280,6 +280,19 @@ def test_bad_configuration_prints_one_line_and_exits_non_zero(tiny_model_dir: Pa
     assert result.stderr == "configuration error: WORKERS='many' is invalid: expected a whole number >= 1 and <= 64\n"
 
 
+@pytest.mark.parametrize("key", ["LOG_FOLDER_NAME", "WATCHDOG_TEMPFILE"])
+def test_a_folder_the_service_cannot_write_in_is_a_one_line_configuration_error(
+        tiny_model_dir: Path, tmp_path: Path, key: str) -> None:
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    env = supervisor_env(tiny_model_dir, tmp_path, free_port())
+    env[key] = str(not_a_folder / "sub")
+    result = subprocess.run([PYTHON, "watchdog_main.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert result.stderr == (f"configuration error: {key}='{not_a_folder / 'sub'}' is invalid: expected a folder this "
+                             f"service can write in ({not_a_folder / 'sub'}: Not a directory)\n")
+
+
 def test_control_stdin_stop_for_service_wrappers(start_service: Callable[..., Service]) -> None:
     service = start_service(args=("--control-stdin",))
     process = service.process.process

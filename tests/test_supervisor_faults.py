@@ -4,13 +4,18 @@ itself killed. Each test asserts what clients see and what the log tells."""
 
 from __future__ import annotations
 
+import errno
+import http.client
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -18,6 +23,7 @@ import pytest
 import requests
 
 from tests.conftest import TINY_CHAT, TINY_EMBED
+from tests.servers import CHAT
 from tests.test_supervisor_e2e import ENDLESS, Service
 from tests.test_supervisor_e2e import start_service as start_service  # the fixture, shared
 from tests.tiny_models import TINY_CHAT_REPLY, build_tiny_embedding_model, tiny_embedding_vocab
@@ -107,14 +113,15 @@ def write_aborting_embedding_model(path: Path) -> None:
     build_tiny_embedding_model(path, vocab=[*vocab, vocab[-1]])
 
 
-@pytest.mark.parametrize(("broken_file", "break_it", "symptom"), [
-    (TINY_CHAT, write_random_bytes, "exited with code 11 (the model could not be loaded) while loading its model: "
-                                    "the model tiny-chat.gguf could not be loaded"),
-    (TINY_EMBED, write_aborting_embedding_model, "killed by SIGABRT while loading its model"),
+@pytest.mark.parametrize(("broken_file", "break_it", "symptom", "logged"), [
+    (TINY_CHAT, write_random_bytes, "the model could not be loaded",
+     "exited with code 11 (the model could not be loaded) while loading its model: the model tiny-chat.gguf could not be loaded"),
+    (TINY_EMBED, write_aborting_embedding_model, "a worker crashed while loading its model",
+     "killed by SIGABRT while loading its model"),
 ], ids=["unreadable-chat-model", "embedding-model-that-aborts"])
 def test_a_broken_model_backs_off_answers_503_and_recovers_once_fixed(
         start_service: Callable[..., Service], tiny_model_dir: Path, tmp_path: Path, broken_file: str,
-        break_it: Callable[[Path], None], symptom: str) -> None:
+        break_it: Callable[[Path], None], symptom: str, logged: str) -> None:
     models = tmp_path / "models"
     models.mkdir()
     for name in (TINY_CHAT, TINY_EMBED):
@@ -126,6 +133,7 @@ def test_a_broken_model_backs_off_answers_503_and_recovers_once_fixed(
     error = response.json()["error"]
     assert error["code"] == "service_unavailable" and symptom in error["message"], error
     assert 1 <= int(response.headers["Retry-After"]) <= 3
+    assert logged in service.log(), "the details are in the log"
     # no restart storm: count the workers started over four seconds
     first = _spawned(service)
     time.sleep(4)
@@ -158,6 +166,84 @@ def _ok(service: Service) -> bool:
 def _spawned(service: Service) -> int:
     """Workers started so far: every worker prints 'could not be loaded' or 'loaded' once."""
     return len(set(re.findall(r"\[worker (\d+) pid", service.log())))
+
+
+API_KEY = "the-test-key"
+# Requests a worker refuses (name: path, headers, client address); AUTHORIZED_URLS is 127.0.0.1 only.
+REFUSED = {
+    "no key": ("/v1/chat/completions", {}, "127.0.0.1"),
+    "a wrong key": ("/v1/chat/completions", {"Authorization": "Bearer wrong"}, "127.0.0.1"),
+    "the key from an unlisted address": ("/v1/chat/completions", {"X-Api-Key": API_KEY}, "127.0.0.2"),
+    "a health check from an unlisted address": ("/health", {}, "127.0.0.2"),
+}
+
+
+def ask(service: Service, path: str, headers: dict[str, str], client: str) -> tuple[int, dict[str, object]]:
+    """One request from the loopback address `client`: (status, JSON body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10, source_address=(client, 0))
+    try:
+        if path == "/health":
+            connection.request("GET", path, headers=headers)
+        else:
+            connection.request("POST", path, body=json.dumps(CHAT), headers={"Content-Type": "application/json", **headers})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_the_503_fallback_refuses_whom_a_worker_refuses_and_names_no_path_pid_or_exit_code(
+        start_service: Callable[..., Service], tiny_model_dir: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in (TINY_CHAT, TINY_EMBED):
+        shutil.copy(tiny_model_dir / name, models / name)
+    service = start_service(model_dir=models, API_KEY=API_KEY, AUTHORIZED_URLS="127.0.0.1", WARM_SPARES=0)
+    from_a_worker = {case: ask(service, *request) for case, request in REFUSED.items()}
+    assert [status for status, _ in from_a_worker.values()] == [401, 401, 403, 403], from_a_worker
+    # the model file goes away (by rename: the loaded worker keeps its mapping and serves one more request);
+    # every replacement then fails to load it, with MODEL_PATH's full path in its reason
+    os.rename(models / TINY_CHAT, models / "moved-away.gguf")
+    assert ask(service, "/v1/chat/completions", {"X-Api-Key": API_KEY}, "127.0.0.1")[0] == 200
+
+    def unavailable() -> list[dict[str, object]]:
+        status, body = ask(service, "/v1/chat/completions", {"Authorization": f"Bearer {API_KEY}"}, "127.0.0.1")
+        return [body] if status == 503 else []
+
+    [body] = service.wait_for(unavailable, 20, "the 503 fallback")  # type: ignore[misc]
+    message = body["error"]["message"]  # type: ignore[index]
+    assert message.startswith("No worker can serve requests right now: the model could not be loaded."), message
+    assert str(models) not in message and not re.search(r"\bpid\b|code \d+", message), message
+    assert str(models) in service.log() and "exited with code 11" in service.log(), "the log keeps the details"
+    # the fallback refuses exactly whom a worker refused, with the same status and error body
+    from_the_fallback = {case: ask(service, *request) for case, request in REFUSED.items()}
+    assert from_the_fallback == from_a_worker
+    # the health check needs no key, as on a worker
+    status, body = ask(service, "/health", {}, "127.0.0.1")
+    assert status == 503 and body["error"]["code"] == "service_unavailable"  # type: ignore[index]
+
+
+def test_the_503_fallback_takes_the_api_key_of_a_reload(
+        start_service: Callable[..., Service], tiny_model_dir: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    write_random_bytes(models / TINY_CHAT)
+    env_file = tmp_path / "service.env"
+    env_file.write_text("API_KEY=old-key\n")
+    service = start_service(wait=False, model_dir=models, env={"ENV_FILE": str(env_file)})
+
+    def status_with(key: str) -> int:
+        try:
+            return ask(service, "/v1/chat/completions", {"X-Api-Key": key}, "127.0.0.1")[0]
+        except OSError:
+            return 0
+
+    service.wait_for(lambda: status_with("old-key") == 503, 20, "the 503 fallback")
+    assert status_with("new-key") == 401
+    env_file.write_text("API_KEY=new-key\n")
+    service.signal(signal.SIGHUP)
+    service.wait_for(lambda: status_with("new-key") == 503, 20, "the fallback to take the reloaded key")
+    assert status_with("old-key") == 401
 
 
 def test_a_worker_over_the_memory_limit_is_recycled_after_its_request(start_service: Callable[..., Service]) -> None:
@@ -212,3 +298,69 @@ def test_a_model_file_overwritten_in_place_is_named_as_the_cause_of_the_sigbus(
         service.chat(timeout=10)
     service.wait_for(lambda: "killed by SIGBUS (a mapped file changed under it: was the model file overwritten"
                      in service.log(), 10, "the SIGBUS explained in the log")
+
+
+# -- log faults
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 256 kB tmpfs of its own, to fill up for real; unmounted afterwards."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    if not sys.platform.startswith("linux") or shutil.which("mount") is None:
+        pytest.skip("needs Linux's mount to make a small filesystem to fill up")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+def fill_up(folder: Path) -> Path:
+    """Write a file into `folder` until its filesystem is full; returns the file."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as error:
+        assert error.errno == errno.ENOSPC, error
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_log_disk_neither_stops_serving_nor_floods_the_console(
+        small_filesystem: Path, start_service: Callable[..., Service]) -> None:
+    log_file = small_filesystem / "logs" / "gpt4all-api.log"
+    service = start_service(env={"LOG_FOLDER_NAME": str(small_filesystem / "logs")})
+    filler = fill_up(small_filesystem)
+
+    def console() -> str:
+        return service.process.log_text()
+
+    # every request is served (each one a new worker, so log records keep coming) while they cannot be written
+    for _ in range(40):
+        assert service.chat(timeout=15).status_code == 200
+        if "cannot write the log file" in console() or "Logging error" in console():
+            break  # the log met the full disk
+    assert "Traceback" not in console() and "Logging error" not in console(), console()[-3000:]
+    assert "No space left on device. The service goes on" in console()
+    assert service.chat(timeout=15).status_code == 200
+    # space again: the next records say how many were lost
+    filler.unlink()
+    assert service.chat(timeout=15).status_code == 200
+    service.wait_for(lambda: "the log file can be written again: " in log_file.read_text(), 10, "the recovery note")
+    assert re.search(r"the log file can be written again: [1-9]\d* log record\(s\) were dropped", log_file.read_text())
+    # a graceful stop is a clean exit, and the console got one warning and no traceback
+    fill_up(small_filesystem)
+    service.signal(signal.SIGTERM)
+    assert service.process.process is not None and service.process.process.wait(20) == 0, console()[-3000:]
+    text = console()
+    assert text.count("cannot write the log file") == 1, text[-3000:]
+    assert "Traceback" not in text and "Logging error" not in text, text[-3000:]

@@ -4,6 +4,7 @@ log writer, the wake-up socket pair."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import socket
@@ -17,11 +18,15 @@ from pathlib import Path
 import pytest
 import requests
 
+from api.access import AccessPolicy
+from api.config import load_settings
 from supervisor.fallback import FallbackResponder
-from supervisor.logs import LogWriter
+from supervisor.logs import LogFileHandler, LogWriter, TaggedFormatter
 from supervisor.main import Waker
 from supervisor.notify import SystemdNotifier
 from supervisor.pidfile import AlreadyRunning, PidFile
+from tests.conftest import tiny_settings
+from tests.servers import start_worker
 
 
 def test_notify_sends_datagrams_to_a_path_and_to_the_abstract_namespace(tmp_path: Path) -> None:
@@ -78,7 +83,7 @@ def listener() -> Iterator[socket.socket]:
 
 def test_fallback_answers_503_json_with_retry_after_only_while_enabled(listener: socket.socket) -> None:
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    fallback = FallbackResponder(listener)
+    fallback = FallbackResponder(listener, AccessPolicy("", ()))
     try:
         fallback.enable("No worker can serve requests right now: the model is broken.", 7)
         response = requests.post(url + "/v1/chat/completions", json={"messages": []}, timeout=5)
@@ -91,6 +96,73 @@ def test_fallback_answers_503_json_with_retry_after_only_while_enabled(listener:
         assert fallback.answered == 1
     finally:
         fallback.close()
+
+
+ACCESS = {"API_KEY": "k3y", "AUTHORIZED_URLS": "127.0.0.1", "DOCS_PUBLIC": "true"}
+# Raw requests where a second implementation of the access rules could differ from the workers'.
+RAW_REQUESTS = {
+    "no key": b"GET /v1/models HTTP/1.1\r\n",
+    "the key": b"GET /v1/models HTTP/1.1\r\nAuthorization: Bearer k3y\r\n",
+    "lower-case bearer, padded": b"GET /v1/models HTTP/1.1\r\nauthorization: bearer   k3y  \r\n",
+    "X-Api-Key in capitals": b"GET /v1/models HTTP/1.1\r\nX-API-KEY: k3y\r\n",
+    "an underscore header": b"GET /v1/models HTTP/1.1\r\nX_Api_Key: k3y\r\n",
+    "the key twice": b"GET /v1/models HTTP/1.1\r\nAuthorization: Bearer k3y\r\nAuthorization: Bearer k3y\r\n",
+    "a wrong key with a body": b"POST /v1/chat/completions HTTP/1.1\r\nX-Api-Key: no\r\n"
+                               b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    "health with a query": b"GET /health?probe=1 HTTP/1.1\r\n",
+    "health percent-encoded": b"GET /v1/%68ealth HTTP/1.1\r\n",
+    "health in absolute form": b"GET http://127.0.0.1/check HTTP/1.1\r\n",
+    "public docs": b"GET /openapi.json HTTP/1.1\r\n",
+    "an unknown route": b"GET /nope HTTP/1.1\r\n",
+}
+
+
+def raw_exchange(port: int, request: bytes, client: str) -> tuple[int, object]:
+    """Send `request` from the loopback address `client`; (status, JSON body of a refusal or None)."""
+    head, _, body = request.partition(b"\r\n\r\n")
+    head = head.removesuffix(b"\r\n") + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(client, 0)) as connection:
+        connection.sendall(head + b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n" + body)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    status_line, _, rest = received.partition(b"\r\n")
+    status = int(status_line.split()[1])
+    return status, json.loads(rest.partition(b"\r\n\r\n")[2]) if status in (401, 403, 503) else None
+
+
+REFUSED_WITHOUT_A_VALID_KEY = {"no key", "an underscore header", "the key twice", "a wrong key with a body",
+                               "an unknown route"}
+
+
+@pytest.mark.parametrize(("client", "refused"), [("127.0.0.1", REFUSED_WITHOUT_A_VALID_KEY),
+                                                 ("127.0.0.2", set(RAW_REQUESTS))], ids=["listed", "unlisted"])
+def test_fallback_refuses_exactly_whom_a_worker_refuses_with_the_same_answer(
+        tiny_model_dir: Path, tmp_path: Path, listener: socket.socket, client: str, refused: set[str]) -> None:
+    worker = start_worker(tiny_model_dir, tmp_path, **tiny_settings(**ACCESS)).wait_ready()
+    fallback = FallbackResponder(listener, AccessPolicy.from_settings(load_settings(ACCESS, env_file=Path(os.devnull))))
+    try:
+        fallback.enable("No worker can serve requests right now: testing.", 1)
+        from_the_worker = {case: raw_exchange(worker.port, request, client) for case, request in RAW_REQUESTS.items()}
+        from_the_fallback = {case: raw_exchange(listener.getsockname()[1], request, client)
+                             for case, request in RAW_REQUESTS.items()}
+    finally:
+        fallback.close()
+        assert worker.stop() == []
+    assert {case for case, (status, _) in from_the_worker.items() if status in (401, 403)} == refused
+    for case in RAW_REQUESTS:
+        expected = from_the_worker[case] if case in refused else (503, from_the_fallback[case][1])
+        assert from_the_fallback[case] == expected, case
+
+
+def test_the_supervisor_imports_no_flask_waitress_or_gpt4all() -> None:
+    """Nothing a model or the web stack does may take the supervisor down (the fallback shares
+    api/access.py with the workers, so this guards that module's imports too)."""
+    probe = ("import sys, supervisor.main, supervisor.fallback, supervisor.arbiter, supervisor.logs; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'flask', 'werkzeug', 'waitress', 'gpt4all'}))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parent.parent)
+    assert result.stdout.strip() == "[]"
 
 
 def test_log_writer_tags_worker_lines_splits_long_ones_and_rotates(tmp_path: Path) -> None:
@@ -115,6 +187,23 @@ def test_log_writer_tags_worker_lines_splits_long_ones_and_rotates(tmp_path: Pat
     assert "[worker 3 pid 42] llama.cpp: no newline at the end" in console.getvalue()
     assert (tmp_path / "gpt4all-api.log.1").exists() and not (tmp_path / "gpt4all-api.log.3").exists()
     assert "filler line 99" in text
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a file whose writes fail with ENOSPC")
+def test_a_log_file_that_cannot_be_written_warns_the_console_once_and_counts_what_it_dropped() -> None:
+    console = io.StringIO()
+    console_handler = logging.StreamHandler(console)
+    handler = LogFileHandler(Path("/dev/full"), max_bytes=4096, backups=2, tell=console_handler.handle)
+    handler.setFormatter(TaggedFormatter())
+    try:
+        for index in range(500):
+            handler.handle(logging.LogRecord("supervisor", logging.INFO, "", 0, "record %d", (index,), None))
+    finally:
+        handler.close()
+    lines = console.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert "cannot write the log file /dev/full: [Errno 28] No space left on device. The service goes on" in lines[0]
+    assert "500 log record(s) could not be written to the log file /dev/full" in lines[1]
 
 
 def test_waker_wakes_a_waiting_loop_at_once_and_is_safe_to_call_often() -> None:
