@@ -13,6 +13,8 @@ generation that stopped making progress even while gpt4all is stuck inside C cod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import queue
 import threading
 import time
@@ -24,6 +26,8 @@ from typing import Literal, Protocol
 from api.engine import ChatModel, EmbeddingCancelled, EmbeddingModel, EngineRun, SamplingParams
 from api.errors import ApiError, EngineFailure, GenerationTimeout, InvalidRequest, ServiceUnavailable
 from api.inference_slots import InferenceSlots, Release
+
+log = logging.getLogger("api.generation")
 
 FinishReason = Literal["stop", "length"]
 _DISCONNECT_POLL_SECONDS = 0.2
@@ -380,6 +384,7 @@ class GenerationService:
     def start(self, request: GenerationRequest) -> Generation:
         """Validate, render and start; errors that need no model run are raised here."""
         check_sampling(request.sampling)
+        log.debug("sampling: %s", " ".join(f"{name}={value:g}" for name, value in dataclasses.asdict(request.sampling).items()))
         model = self.models.chat_model(request.model)
         prompt = self.render_prompt(model, request)
         generation = Generation(model, prompt, request, self.limits, self.observer, self.slots)

@@ -5,8 +5,9 @@ sends `Accept: application/json` gets the reply with its model, token usage and 
 error is a JSON object with a 4xx/5xx status.
 
 Fields (api.wire.schemas.OriginalRequest): prompt (required), persona (the system prompt), assist
-(an earlier assistant message), temp, and optionally max_tokens, top_p, top_k, stream (default:
-the STREAM setting).
+(an earlier assistant message), temp, and optionally max_tokens, top_p, top_k, repeat_penalty,
+repeat_last_n, stream (default: the STREAM setting). Sampling values left out are gpt4all's own
+generate() defaults, as the original server got them from the bindings.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def _sampling(body: schemas.OriginalRequest, default_max_tokens: int) -> Samplin
         temperature=body.temp,
         top_p=body.top_p,
         top_k=body.top_k,
+        min_p=schemas.GPT4ALL_MIN_P,
+        repeat_penalty=body.repeat_penalty,
+        repeat_last_n=body.repeat_last_n,
     )
 
 
