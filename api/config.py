@@ -179,8 +179,9 @@ FIELDS: tuple[Field, ...] = (
     # -- access and limits
     Field("API_KEY", "", _text, "If set: required on every route but /health, as `Authorization: Bearer` or `X-Api-Key`."),
     Field("MAX_REQUEST_BYTES", "1048576", _integer(1024), "Largest request body accepted (413 above it)."),
-    Field("REQUEST_TIMEOUT", "300", _seconds, "Longest a generation may run before it is stopped with a 504."),
-    Field("STALL_TIMEOUT", "30", _seconds, "Longest a generation may go without producing a token before it counts as hung."),
+    Field("REQUEST_TIMEOUT", "300", _seconds, "Longest a generation or embedding may run before it is stopped with a 504."),
+    Field("STALL_TIMEOUT", "30", _seconds, "Longest a generation or embedding may go without progress (a token, a group of inputs) "
+          "before it is stopped with a 504 and counts as hung."),
     # -- the supervisor
     Field("WORKERS", "1", _integer(1, 64), "Generations that can run at the same time, on this many worker processes "
           "(a warm spare that takes a client waits for a free one)."),

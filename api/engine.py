@@ -26,7 +26,7 @@ from gpt4all import _pyllmodel as bindings
 
 from api.chat_template import ChatTemplate
 from api.gguf_file import GGUFFormatError, read_metadata
-from api.inference import EngineBusy, EngineError, EngineRun, ModelLoadError, PromptTooLong, TokenSink
+from api.inference import EmbeddingCancelled, EngineError, EngineRun, ModelLoadError, PromptTooLong, TokenSink
 from api.sampling import SamplingParams
 
 # gpt4all caps the prompt batch at 128; its generate() default of 8 costs 15-25% of first-token time.
@@ -190,6 +190,26 @@ class ChatModel:
                 self.generate(" ", one_draw, lambda _text: True)
 
 
+EMBED_GROUP_CHARS = 2048
+"""Inputs go to gpt4all in groups of about this much text, one call per group. A call reports
+nothing until it returns (its cancel callback runs once, before any work, with the batch sizes),
+so the end of each call is the progress heartbeat and the start of the next one the point where a
+cancelled request stops. Short inputs still share a call: one call per input costs a few ms each."""
+
+
+def _groups(texts: list[str], budget: int) -> list[list[str]]:
+    """Consecutive inputs, about `budget` characters of them per group (a longer input alone)."""
+    groups: list[list[str]] = []
+    size = budget
+    for text in texts:
+        if size + len(text) > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(text)
+        size += len(text)
+    return groups
+
+
 class EmbeddingModel:
     """One loaded embedding model (BERT-style GGUF), one call at a time."""
 
@@ -206,15 +226,33 @@ class EmbeddingModel:
         with self._lock:
             self._gpt4all.close()
 
-    def embed(self, texts: list[str], timeout: float) -> tuple[list[list[float]], int]:
-        """Return one vector per text (none empty: the service checks) and the number of tokens read."""
-        if not self._lock.acquire(timeout=timeout):
-            raise EngineBusy("the embedding model is busy; try again")
-        try:
-            result = self._gpt4all.model.generate_embeddings(
-                texts, prefix="", dimensionality=-1, do_mean=True, atlas=False, cancel_cb=None)
-        except RuntimeError as error:
-            raise EngineError(f"embedding failed: {error}") from None
-        finally:
-            self._lock.release()
-        return result["embeddings"], int(result["n_prompt_tokens"])
+    def acquire(self, timeout: float) -> bool:
+        """Reserve the model for one request; False if it stays busy for `timeout` seconds."""
+        return self._lock.acquire(timeout=timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def embed(self, texts: list[str], *, cancel: threading.Event | None = None,
+              progress: Callable[[], None] | None = None) -> tuple[list[list[float]], int]:
+        """Return one vector per text (none empty: the service checks) and the number of tokens read,
+        on a reserved model (see `acquire`).
+
+        `progress` is called after each group of inputs (see EMBED_GROUP_CHARS); once `cancel` is
+        set, no further group starts and EmbeddingCancelled is raised.
+        """
+        vectors: list[list[float]] = []
+        tokens = 0
+        for group in _groups(texts, EMBED_GROUP_CHARS):
+            if cancel is not None and cancel.is_set():
+                raise EmbeddingCancelled(f"{len(texts) - len(vectors)} of {len(texts)} inputs left")
+            try:
+                result = self._gpt4all.model.generate_embeddings(
+                    group, prefix="", dimensionality=-1, do_mean=True, atlas=False, cancel_cb=None)
+            except RuntimeError as error:
+                raise EngineError(f"embedding failed: {error}") from None
+            vectors.extend(result["embeddings"])
+            tokens += int(result["n_prompt_tokens"])
+            if progress is not None:
+                progress()
+        return vectors, tokens

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import queue
 import threading
 import time
@@ -22,17 +23,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from api.errors import (
-    ApiError,
-    ContextLengthExceeded,
-    EngineFailure,
-    GenerationTimeout,
-    InvalidRequest,
-    ServiceUnavailable,
-)
-from api.inference import ChatEngine, EmbeddingEngine, EngineBusy, EngineError, EngineRun, PromptTooLong
+from api.errors import ApiError, ContextLengthExceeded, EngineFailure, GenerationTimeout, InvalidRequest, ServiceUnavailable
+from api.inference import ChatEngine, EmbeddingCancelled, EmbeddingEngine, EngineError, EngineRun, PromptTooLong
 from api.inference_slots import InferenceSlots, Release
 from api.sampling import SamplingParams, out_of_bounds
+
+log = logging.getLogger("api.generation")
 
 FinishReason = Literal["stop", "length"]
 _DISCONNECT_POLL_SECONDS = 0.2
@@ -294,6 +290,85 @@ class Generation:
         )
 
 
+class Embedding:
+    """One embedding request, run like a generation: in a thread of its own, reporting progress
+    after each group of inputs, while the request thread enforces REQUEST_TIMEOUT and STALL_TIMEOUT.
+    So the client gets a 504 in time even while gpt4all is inside one long call, never an empty
+    reply from a worker killed as hung."""
+
+    def __init__(self, model: EmbeddingEngine, texts: list[str], limits: Limits, observer: InferenceObserver,
+                 slots: InferenceSlots) -> None:
+        self._model = model
+        self._texts = texts
+        self._limits = limits
+        self._observer = observer
+        self._slots = slots
+        self._cancel = threading.Event()
+        self._result: queue.Queue[tuple[list[list[float]], int] | ApiError] = queue.Queue()
+        self._started_at = self._last_progress_at = time.monotonic()
+
+    def run(self) -> tuple[list[list[float]], int]:
+        if not self._model.acquire(timeout=self._limits.request_timeout):
+            raise ServiceUnavailable("the embedding model is busy; try again", retry_after=1)
+        release_slot = self._slots.acquire()
+        try:
+            self._started_at = self._last_progress_at = time.monotonic()
+            self._observer.inference_started()
+            threading.Thread(target=self._work, args=(release_slot,), name="embedding", daemon=True).start()
+        except BaseException:
+            release_slot()  # the thread that would have given both back never ran
+            self._model.release()
+            raise
+        return self._wait()
+
+    # -- the model's thread
+
+    def _work(self, release_slot: Release) -> None:
+        outcome: tuple[list[list[float]], int] | ApiError | None = None
+        try:
+            outcome = self._model.embed(self._texts, cancel=self._cancel, progress=self._progress)
+        except EmbeddingCancelled:
+            pass  # the request thread gave up on it and has answered already
+        except EngineError as error:
+            outcome = EngineFailure(str(error))
+        except Exception as error:
+            outcome = EngineFailure(f"embedding failed: {type(error).__name__}")
+        finally:
+            release_slot()
+            self._model.release()
+            self._observer.inference_finished()
+        if outcome is not None:
+            self._result.put(outcome)  # after the release: the model is free once the answer goes out
+
+    def _progress(self) -> None:
+        self._last_progress_at = time.monotonic()
+        self._observer.progress()
+
+    # -- the request's thread
+
+    def _wait(self) -> tuple[list[list[float]], int]:
+        while True:
+            self._enforce_limits(time.monotonic())
+            try:
+                outcome = self._result.get(timeout=_DISCONNECT_POLL_SECONDS)
+            except queue.Empty:
+                continue
+            if isinstance(outcome, ApiError):
+                raise outcome
+            return outcome
+
+    def _enforce_limits(self, now: float) -> None:
+        if now - self._started_at > self._limits.request_timeout:
+            self._cancel.set()
+            raise GenerationTimeout(
+                f"the embedding ran longer than REQUEST_TIMEOUT ({self._limits.request_timeout:g} s) and was stopped")
+        if now - self._last_progress_at > self._limits.stall_timeout:
+            self._cancel.set()
+            raise GenerationTimeout(
+                f"the embedding made no progress for STALL_TIMEOUT ({self._limits.stall_timeout:g} s) and was stopped "
+                "(a very long single input may need a higher STALL_TIMEOUT)")
+
+
 class ModelResolver(Protocol):
     def chat_model(self, requested: str | None) -> ChatEngine: ...
 
@@ -320,24 +395,13 @@ class GenerationService:
         worker counts it like a generation."""
         if any(not text for text in texts):
             raise InvalidRequest(f"'{field}' must not contain empty strings", param=field)
-        release_slot = self.slots.acquire()
-        try:
-            self.observer.inference_started()
-            try:
-                return model.embed(texts, timeout=self.limits.request_timeout)
-            except EngineBusy as error:
-                raise ServiceUnavailable(str(error), retry_after=1) from None
-            except EngineError as error:
-                raise EngineFailure(str(error)) from None
-            finally:
-                self.observer.inference_finished()
-        finally:
-            release_slot()
+        return Embedding(model, texts, self.limits, self.observer, self.slots).run()
 
     def start(self, request: GenerationRequest) -> Generation:
         """Validate, render and start; errors that need no model run are raised here."""
         request = dataclasses.replace(
             request, sampling=check_sampling(request.sampling.with_default_max_tokens(self.limits.default_max_tokens)))
+        log.debug("sampling: %s", " ".join(f"{name}={value:g}" for name, value in dataclasses.asdict(request.sampling).items()))
         model = self.models.chat_model(request.model)
         prompt = self.render_prompt(model, request)
         generation = Generation(model, prompt, request, self.limits, self.observer, self.slots)

@@ -42,8 +42,8 @@ class PromptTooLong(EngineError):
     """The prompt does not fit in the model's context window."""
 
 
-class EngineBusy(EngineError):
-    """The model stayed busy with another call for the whole wait."""
+class EmbeddingCancelled(EngineError):
+    """The caller gave up on an embedding while inputs remained (its time ran out)."""
 
 
 class ModelLoadError(EngineError):
@@ -70,10 +70,18 @@ class ChatEngine(Protocol):
 
 
 class EmbeddingEngine(Protocol):
-    """One loaded embedding model."""
+    """One loaded embedding model that runs one call at a time."""
 
     name: str
 
-    def embed(self, texts: list[str], timeout: float) -> tuple[list[list[float]], int]:
-        """One vector per (non-empty) text and the number of tokens read. Raises EngineBusy."""
+    def acquire(self, timeout: float) -> bool:
+        """Reserve the model for one call; False if it stays busy for `timeout` seconds."""
+        ...
+
+    def release(self) -> None: ...
+
+    def embed(self, texts: list[str], *, cancel: threading.Event | None = None,
+              progress: Callable[[], None] | None = None) -> tuple[list[list[float]], int]:
+        """One vector per (non-empty) text and the number of tokens read, on a reserved model.
+        `progress` is called as work is done; once `cancel` is set, EmbeddingCancelled is raised."""
         ...

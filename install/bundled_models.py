@@ -327,7 +327,7 @@ def _verify_embedding_here(path: Path) -> str:
         raise _VerifyFailed(f"gpt4all cannot load it: {e}") from None
     try:
         try:
-            vec = embedder.embed(["hello"], timeout=VERIFY_TIMEOUT_S)[0][0]
+            vec = embedder.embed(["hello"])[0][0]
         except EngineError as e:
             raise _VerifyFailed(f"embedding failed: {e}") from None
         if len(vec) != EMBEDDING_DIM:

@@ -49,6 +49,17 @@ def test_original_route_knows_the_capital_of_france(bundled_worker: ServerProces
     assert "Paris" in response.text
 
 
+def test_original_route_greedy_reply_does_not_loop(bundled_worker: ServerProcess) -> None:
+    """gpt4all's repeat penalty (1.18 over 64 tokens) is the default: without it this greedy reply
+    repeats "Abe a sea of dreams," line after line."""
+    response = requests.post(bundled_worker.url + "/gpt4all_api", timeout=60, json={
+        "prompt": "Write a poem about the sea.", "temp": 0, "max_tokens": 100})
+    assert response.status_code == 200
+    lines = [line.strip() for line in response.text.splitlines() if line.strip()]
+    assert len(lines) >= 4, response.text
+    assert max(lines.count(line) for line in lines) < 3, response.text
+
+
 def test_openai_client_chat_knows_the_capital_of_france(client: openai.OpenAI) -> None:
     completion = client.chat.completions.create(
         model=Path(CHAT_MODEL_NAME).stem, temperature=0, max_tokens=40,

@@ -5,8 +5,9 @@ sends `Accept: application/json` gets the reply with its model, token usage and 
 error is a JSON object with a 4xx/5xx status.
 
 Fields (api.wire.schemas.OriginalRequest): prompt (required), persona (the system prompt), assist
-(an earlier assistant message), temp, and optionally max_tokens, top_p, top_k, stream (default:
-the STREAM setting).
+(an earlier assistant message), temp, and optionally max_tokens, top_p, top_k, repeat_penalty,
+repeat_last_n, stream (default: the STREAM setting). Sampling values left out are gpt4all's own
+generate() defaults, as the original server got them from the bindings.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def create_blueprint(route: str) -> Blueprint:
         settings = state.settings
         stream = settings.stream if body.stream is None else body.stream
         generation = state.service.start(GenerationRequest(
-            sampling=sampling_from(body, {"temperature": "temp"}),
+            sampling=sampling_from(body, {"temperature": "temp"}, min_p=schemas.GPT4ALL_MIN_P),
             messages=_messages(body, settings.header, settings.footer),
             is_disconnected=client_disconnected(),
             prompt_field="prompt",

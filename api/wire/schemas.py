@@ -22,6 +22,16 @@ MAX_CHOICES = 8
 MAX_STOPS = 16
 MAX_EMBEDDING_INPUTS = 2048
 
+# -- gpt4all's own GPT4All.generate() defaults (gpt4all 2.8.2), for the routes that speak its names:
+# the original route and /v0. tests/test_route_defaults.py checks them against the installed bindings.
+
+GPT4ALL_TEMP = 0.7
+GPT4ALL_TOP_P = 0.4
+GPT4ALL_TOP_K = 40
+GPT4ALL_MIN_P = 0.0
+GPT4ALL_REPEAT_PENALTY = 1.18  # without it greedy replies of small models loop
+GPT4ALL_REPEAT_LAST_N = 64
+
 # -- sampling values shared by the wire formats (the service's ranges)
 
 Temperature = BOUNDS["temperature"].annotated()
@@ -69,10 +79,12 @@ class OriginalRequest(WireModel):
     prompt: NonBlank = Field(description="The user's message.")
     persona: str | None = Field(None, description="The system prompt.")
     assist: str | None = Field(None, description="An earlier assistant message, put before the prompt.")
-    temp: Temperature = 0.7
+    temp: Temperature = GPT4ALL_TEMP
     max_tokens: MaxTokens | None = Field(None, description="Longest reply in tokens (default: DEFAULT_MAX_TOKENS).")
-    top_p: TopP = 0.9
-    top_k: TopK = 40
+    top_p: TopP = GPT4ALL_TOP_P
+    top_k: TopK = GPT4ALL_TOP_K
+    repeat_penalty: RepeatPenalty = GPT4ALL_REPEAT_PENALTY
+    repeat_last_n: RepeatLastN = GPT4ALL_REPEAT_LAST_N
     stream: bool | None = Field(None, description="Stream the reply as plain text while it is generated (default: STREAM).")
 
 
@@ -300,12 +312,12 @@ class V0Sampling(WireModel):
 
     model: ModelName | None = None
     max_tokens: MaxTokens | None = Field(None, description="Longest reply in tokens (default: DEFAULT_MAX_TOKENS).")
-    temp: Temperature = 0.7
-    top_k: TopK = 40
-    top_p: TopP = 0.4
-    min_p: MinP = 0.0
-    repeat_penalty: RepeatPenalty = 1.18
-    repeat_last_n: RepeatLastN = 64
+    temp: Temperature = GPT4ALL_TEMP
+    top_k: TopK = GPT4ALL_TOP_K
+    top_p: TopP = GPT4ALL_TOP_P
+    min_p: MinP = GPT4ALL_MIN_P
+    repeat_penalty: RepeatPenalty = GPT4ALL_REPEAT_PENALTY
+    repeat_last_n: RepeatLastN = GPT4ALL_REPEAT_LAST_N
 
 
 class V0Message(WireModel):
