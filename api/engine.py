@@ -36,7 +36,7 @@ _ERROR_TOKEN = -1
 
 def _load(path: Path, *, n_ctx: int, n_threads: int, device: str) -> GPT4All:
     if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
+        raise ModelLoadError(f"model file not found: {path.name} (in MODEL_PATH)")
     try:
         model = GPT4All(
             path.name, model_path=str(path.parent), allow_download=False,
@@ -51,7 +51,7 @@ def _load(path: Path, *, n_ctx: int, n_threads: int, device: str) -> GPT4All:
 
 def _read_model_metadata(path: Path) -> dict[str, object]:
     if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
+        raise ModelLoadError(f"model file not found: {path.name} (in MODEL_PATH)")
     try:
         return read_metadata(path)
     except (GGUFFormatError, OSError) as error:

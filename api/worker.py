@@ -485,7 +485,7 @@ class SupervisedWorker:
             self.runtime.load()
         except Exception as error:
             log.error("the model could not be loaded: %s", error)
-            self.lifecycle.load_failed(f"the model {self.settings.model_name} could not be loaded: {error}")
+            self.lifecycle.load_failed(f"a model could not be loaded: {error}")
             return
         log.info("model %s loaded; worker %d ready", self.settings.model_name, self.lifecycle.worker_id)
         self.lifecycle.ready()

@@ -121,5 +121,6 @@ def test_a_broken_model_is_reported_not_hidden(tiny_model_dir: Path, tmp_path: P
         assert_json_error(response, 503, "could not be loaded")
         assert response.headers["Retry-After"] == "30"
         assert response.json()["error"]["code"] == "model_load_failed"
+        assert str(tmp_path) not in health.text + response.text, "local paths stay in the log"
     finally:
         assert worker.stop() == []
