@@ -122,6 +122,7 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 
 SENTINEL_PHASES = {WorkerState.READY: Phase.READY, WorkerState.BUSY: Phase.BUSY, WorkerState.DRAINING: Phase.DRAINING}
 MAY_ACCEPT = frozenset({Phase.STARTING, Phase.READY, Phase.BUSY})  # may be accepting now or soon
+UP = frozenset({Phase.READY, Phase.BUSY})  # loaded and serving: accepting, or will accept again
 LEAVING = frozenset({Phase.DRAINING, Phase.TERMINATING, Phase.KILLED, Phase.EXITED})
 
 
@@ -501,10 +502,18 @@ class Arbiter:
                 self.drain(handle, f"its memory (USS {uss / MB:.1f} MB) is above MAX_WORKER_MEMORY_MB ({limit_mb})", now)
 
     def retire_stale_workers(self) -> None:
-        """After a reload, drain one old worker for each new one that is up, so capacity never drops."""
+        """After a reload, drain one old worker for each new one that is up, so capacity never drops.
+
+        Only workers that are up count as capacity. An old worker still loading (started by an
+        earlier reload that a newer one overtook) serves no one: it goes at once, and never in
+        place of a worker that is up."""
         if self.stopping:
             return
+        now = self.clock()
         old = [h for h in self.alive() if h.generation < self.generation]
+        for handle in [h for h in old if h.phase is Phase.STARTING]:
+            log.info("%s was still loading an old configuration: draining it (reload)", handle.name)
+            self.drain(handle, "the configuration was reloaded", now)
         staying = [h for h in old if not h.leaving]
         if not staying:
             if self.reloading and not old and any(h.phase is Phase.READY for h in self.alive()):
@@ -512,11 +521,11 @@ class Arbiter:
                 log.info("reload complete: every worker runs the new configuration")
                 self.notify("READY=1")
             return
-        new_up = sum(1 for h in self.alive() if h.generation == self.generation and h.phase in (Phase.READY, Phase.BUSY))
+        new_up = sum(1 for h in self.alive() if h.generation == self.generation and h.phase in UP)
         if new_up + len(staying) - 1 >= self.settings.workers + self.settings.warm_spares:
             victim = min(staying, key=lambda h: (h.phase is not Phase.READY, h.worker_id))
             log.info("%s runs the old configuration: draining it (reload)", victim.name)
-            self.drain(victim, "the configuration was reloaded", self.clock())
+            self.drain(victim, "the configuration was reloaded", now)
 
     def target_size(self) -> int:
         """Workers that are not leaving: WORKERS + WARM_SPARES, and one more during a rolling restart."""

@@ -536,6 +536,36 @@ def test_sighup_replaces_workers_one_by_one_never_below_capacity() -> None:
     assert h.notes.count("READY=1") == 1, "READY=1 again once the reload is complete"
 
 
+def test_a_second_sighup_while_replacements_load_never_drains_the_only_ready_worker() -> None:
+    """Seen with a real service: two reloads closer together than a worker's load time counted the
+    first reload's replacement, still loading, as capacity and drained the only READY worker."""
+    h = Harness(RESTART_AFTER_REQUESTS=0, WORKERS=1, WARM_SPARES=0)
+    [first] = h.ready_pool()
+    h.reloaded = make_settings(RESTART_AFTER_REQUESTS=0, WORKERS=1, WARM_SPARES=0)
+    h.arbiter.signals.append("SIGHUP")
+    h.tick()
+    [_, loading] = h.ops.alive()
+    h.tick(0.25)
+    assert h.arbiter.workers[loading.spec.worker_id].phase is Phase.STARTING
+    h.arbiter.signals.append("SIGHUP")  # the second reload, while the first one's worker still loads
+    h.tick()
+    assert first.sent == [], "the only READY worker stays until a replacement is READY"
+    assert loading.sent == ["drain the configuration was reloaded"], "the stale loading worker goes at once"
+    [newest] = [child for child in h.ops.alive() if child not in (first, loading)]
+    loading.returncode = EXIT_DRAINED
+    for _ in range(8):  # the newest one takes a while to load: the old one serves meanwhile
+        h.tick(0.25)
+        assert [hd.phase for hd in h.arbiter.workers.values() if hd.phase is Phase.READY] == [Phase.READY]
+    assert first.sent == []
+    newest.become_ready()
+    h.tick()
+    assert first.sent == ["drain the configuration was reloaded"]
+    first.returncode = EXIT_DRAINED
+    h.tick()
+    assert [hd.generation for hd in h.arbiter.workers.values()] == [3]
+    assert h.notes.count("READY=1") == 1, "the reload completed"
+
+
 def test_bad_configuration_on_reload_keeps_the_running_one(caplog: pytest.LogCaptureFixture) -> None:
     from api.config import ConfigError
 

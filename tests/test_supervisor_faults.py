@@ -4,11 +4,13 @@ itself killed. Each test asserts what clients see and what the log tells."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ import psutil
 import pytest
 import requests
 
+from api.protocol import WorkerState
 from tests.conftest import TINY_CHAT, TINY_EMBED
 from tests.test_supervisor_e2e import ENDLESS, Service
 from tests.test_supervisor_e2e import start_service as start_service  # the fixture, shared
@@ -28,6 +31,38 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def all_threads_stopped(pid: int) -> bool:
+    """True once every thread of `pid` is stopped (SIGSTOP reaches each thread in its own time)."""
+    try:
+        return all(Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+                   for task in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return False
+
+
+def freeze_a_booting_worker(service: Service, start_one: Callable[[], object], attempts: int = 20) -> int:
+    """SIGSTOP a worker while it loads its model, after it announced its control port; its pid.
+
+    `start_one` makes the service start a worker (it runs in a thread of its own). A tiny model
+    loads in tens of milliseconds: a worker that turns out to have said READY before it stopped is
+    continued, and the next one is tried."""
+    for _ in range(attempts):
+        known = set(service.sentinels())
+        threading.Thread(target=start_one, daemon=True).start()
+        deadline, pid = time.monotonic() + 10, 0
+        while not pid and time.monotonic() < deadline:
+            pid = next((pid for pid, sentinel in service.sentinels().items()
+                        if pid not in known and sentinel.state is WorkerState.BOOTING and sentinel.control_port), 0)
+        assert pid, f"no new worker booted\n{service.log()[-3000:]}"
+        os.kill(pid, signal.SIGSTOP)
+        service.wait_for(lambda frozen=pid: all_threads_stopped(frozen) or gone(frozen), 5, f"pid {pid} to stop")
+        sentinel = service.sentinels().get(pid)
+        if sentinel is not None and sentinel.state is WorkerState.BOOTING:
+            return pid
+        os.kill(pid, signal.SIGCONT)  # too late: it had loaded already
+    raise AssertionError(f"no worker could be stopped while booting in {attempts} attempts")
 
 
 def test_sigkill_of_a_busy_worker_the_next_request_is_served_within_a_second(
@@ -212,3 +247,35 @@ def test_a_model_file_overwritten_in_place_is_named_as_the_cause_of_the_sigbus(
         service.chat(timeout=10)
     service.wait_for(lambda: "killed by SIGBUS (a mapped file changed under it: was the model file overwritten"
                      in service.log(), 10, "the SIGBUS explained in the log")
+
+
+def test_two_sighups_closer_together_than_a_model_load_never_leave_no_worker_ready(
+        start_service: Callable[..., Service]) -> None:
+    """A worker frozen while it loads stands for a load slower than the time between two reloads:
+    the second reload must not count it as capacity and drain the only READY worker."""
+    service = start_service(WORKERS=1, WARM_SPARES=0, RESTART_AFTER_REQUESTS=0)
+    [first] = service.sentinels()
+    loading = freeze_a_booting_worker(service, lambda: service.signal(signal.SIGHUP))
+    fewest_ready = [service.ready_count()]
+    sampling = threading.Event()
+
+    def count_ready_workers() -> None:
+        while not sampling.is_set():
+            fewest_ready[0] = min(fewest_ready[0], service.ready_count())
+
+    sampler = threading.Thread(target=count_ready_workers)
+    sampler.start()
+    try:
+        service.signal(signal.SIGHUP)  # the second reload, while the first one's worker still loads
+        service.wait_for(lambda: [pid for pid, s in service.sentinels().items()
+                                  if pid not in (first, loading) and s.state is WorkerState.READY], 20,
+                         "the second reload's worker to be READY")
+        os.kill(loading, signal.SIGCONT)
+        service.wait_for(lambda: "reload complete" in service.log(), 20, "the reload to complete")
+    finally:
+        sampling.set()
+        sampler.join(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(loading, signal.SIGCONT)
+    assert fewest_ready[0] >= 1, f"no worker was READY for a while\n{service.log()[-3000:]}"
+    assert service.chat(timeout=10).status_code == 200
