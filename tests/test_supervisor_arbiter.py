@@ -442,6 +442,30 @@ def test_boot_timeout() -> None:
     assert "BOOT_TIMEOUT" in h.arbiter.workers[first.spec.worker_id].hang_cause
 
 
+def test_a_worker_frozen_while_loading_is_found_by_its_probes_long_before_boot_timeout() -> None:
+    h = Harness(BOOT_TIMEOUT=120, HEALTH_INTERVAL=1)
+    h.tick()
+    frozen, quiet = h.ops.children
+    frozen.report(WorkerState.BOOTING)  # its first sentinel names its control port
+    quiet.report(WorkerState.BOOTING, control_port=None)
+    frozen.healthy = quiet.healthy = False
+    h.run(3.5)
+    assert frozen.signals == ["TERM"]
+    assert h.arbiter.workers[frozen.spec.worker_id].hang_cause == (
+        "it did not answer 3 health probes in a row while loading its model")
+    assert quiet.probes == 0 and quiet.signals == [], "no port announced, nothing to probe: BOOT_TIMEOUT applies"
+    assert len(h.ops.alive()) == 3, "a replacement loads at once"
+
+
+def test_a_loading_worker_that_answers_its_probes_is_left_to_load() -> None:
+    h = Harness(BOOT_TIMEOUT=120, HEALTH_INTERVAL=1)
+    h.tick()
+    slow, _ = h.ops.children
+    slow.report(WorkerState.BOOTING)
+    h.run(60)
+    assert slow.probes >= 50 and slow.signals == []
+
+
 def test_repeated_health_probe_failures_mean_a_hang_but_one_does_not() -> None:
     h = Harness(HEALTH_INTERVAL=1)
     first, second = h.ready_pool()
