@@ -51,11 +51,14 @@ def freeze_a_booting_worker(service: Service, start_one: Callable[[], object], a
     for _ in range(attempts):
         known = set(service.sentinels())
         threading.Thread(target=start_one, daemon=True).start()
-        deadline, pid = time.monotonic() + 10, 0
-        while not pid and time.monotonic() < deadline:
-            pid = next((pid for pid, sentinel in service.sentinels().items()
-                        if pid not in known and sentinel.state is WorkerState.BOOTING and sentinel.control_port), 0)
-        assert pid, f"no new worker booted\n{service.log()[-3000:]}"
+        deadline, new = time.monotonic() + 10, None
+        while new is None and time.monotonic() < deadline:
+            new = next(((pid, sentinel) for pid, sentinel in service.sentinels().items()
+                        if pid not in known and sentinel.control_port), None)
+        assert new is not None, f"no new worker started\n{service.log()[-3000:]}"
+        pid, sentinel = new
+        if sentinel.state is not WorkerState.BOOTING:
+            continue  # first seen after it had loaded
         os.kill(pid, signal.SIGSTOP)
         service.wait_for(lambda frozen=pid: all_threads_stopped(frozen) or gone(frozen), 5, f"pid {pid} to stop")
         sentinel = service.sentinels().get(pid)
@@ -103,6 +106,44 @@ def test_sigstop_of_a_busy_worker_is_detected_killed_and_replaced(start_service:
     service.wait_for(lambda: len(service.workers()) == 2, 10, "a replacement")
     thread.join(10)
     assert service.chat(timeout=10).status_code == 200
+
+
+def test_a_worker_frozen_while_loading_is_replaced_long_before_boot_timeout_and_clients_get_503_meanwhile(
+        start_service: Callable[..., Service]) -> None:
+    # probes of 4 s: the frozen worker is called hung after about 13 s, later than the short wait
+    service = start_service(WORKERS=1, WARM_SPARES=0, BOOT_TIMEOUT=120, HEALTH_INTERVAL=4)
+    frozen = freeze_a_booting_worker(service, lambda: service.chat(timeout=30))
+    # the worker that served that request leaves: no worker is up, and the frozen one will not be
+    response = service.chat(timeout=30)
+    assert response.status_code == 503, response.text
+    assert int(response.headers["Retry-After"]) >= 1
+    error = response.json()["error"]
+    assert error["code"] == "service_unavailable" and "the model has been loading for" in error["message"], error
+    service.wait_for(lambda: gone(frozen), 30, "the frozen worker to be replaced (BOOT_TIMEOUT is 120 s)")
+    hung = f"(pid {frozen}) seems hung: it did not answer 3 health probes in a row while loading its model"
+    service.wait_for(lambda: hung in service.log(), 5, "the hang in the log")
+    response = service.chat(timeout=30)
+    assert response.status_code == 200 and response.headers["X-Worker-Pid"] != str(frozen)
+    service.wait_for(lambda: "the service is back after" in service.log(), 5, "the end of the 503 period in the log")
+
+
+def test_a_loading_worker_that_resumes_while_clients_get_503_takes_over_from_the_fallback(
+        start_service: Callable[..., Service]) -> None:
+    """The fallback answers while a loading worker might still come up: the accept gate makes a
+    worker that finishes loading meanwhile wait until the fallback has stopped, then serve."""
+    service = start_service(WORKERS=1, WARM_SPARES=0, BOOT_TIMEOUT=120, HEALTH_INTERVAL=5)  # hung after ~16 s
+    late = freeze_a_booting_worker(service, lambda: service.chat(timeout=30))
+    response = service.chat(timeout=30)
+    assert response.status_code == 503
+    os.kill(late, signal.SIGCONT)
+    for _ in range(5):  # a client that honours Retry-After
+        time.sleep(int(response.headers["Retry-After"]))
+        response = service.chat(timeout=30)
+        if response.status_code != 503:
+            break
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Worker-Pid"] == str(late)
+    assert "seems hung" not in service.log()
 
 
 def test_sigstop_of_an_idle_worker_is_found_by_the_health_probe(start_service: Callable[..., Service]) -> None:
@@ -254,8 +295,8 @@ def test_two_sighups_closer_together_than_a_model_load_never_leave_no_worker_rea
     """A worker frozen while it loads stands for a load slower than the time between two reloads:
     the second reload must not count it as capacity and drain the only READY worker."""
     service = start_service(WORKERS=1, WARM_SPARES=0, RESTART_AFTER_REQUESTS=0)
-    [first] = service.sentinels()
     loading = freeze_a_booting_worker(service, lambda: service.signal(signal.SIGHUP))
+    serving = {pid for pid, sentinel in service.sentinels().items() if sentinel.state is WorkerState.READY}
     fewest_ready = [service.ready_count()]
     sampling = threading.Event()
 
@@ -268,7 +309,7 @@ def test_two_sighups_closer_together_than_a_model_load_never_leave_no_worker_rea
     try:
         service.signal(signal.SIGHUP)  # the second reload, while the first one's worker still loads
         service.wait_for(lambda: [pid for pid, s in service.sentinels().items()
-                                  if pid not in (first, loading) and s.state is WorkerState.READY], 20,
+                                  if pid not in {*serving, loading} and s.state is WorkerState.READY], 20,
                          "the second reload's worker to be READY")
         os.kill(loading, signal.SIGCONT)
         service.wait_for(lambda: "reload complete" in service.log(), 20, "the reload to complete")
