@@ -7,7 +7,9 @@ supervisor/) it follows the contract in api.protocol:
 - it serves the listening socket the supervisor bound, and the same app on a private loopback
   port (the *control* port, its own waitress loop and threads) where the supervisor probes /health;
 - it accepts on the public socket only while READY: not while its model loads, not while an
-  inference runs (the next client goes to a spare), never again once it is DRAINING; and it takes
+  inference runs (the next client goes to a spare), never again once it is DRAINING, and not
+  before it passed the accept gate (api.accept_gate: never while the supervisor's 503 fallback
+  answers on the same socket); and it takes
   one client at a time: after accepting a connection it accepts no other until that client's
   request is answered, so parallel clients spread over the workers and, with restart-per-request,
   none of them meets a used model;
@@ -46,6 +48,7 @@ from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.task import WSGITask
 
+from api.accept_gate import AcceptGate
 from api.app import create_app
 from api.config import ConfigError, Settings, check_model_files, load_settings
 from api.inference_slots import InferenceSlots
@@ -132,7 +135,8 @@ class WorkerLifecycle:
 
     def __init__(self, worker_id: int, sentinel: Path, *, restart_after: int, request_timeout: float,
                  stall_timeout: float, clock: Callable[[], float] = time.monotonic,
-                 write: Callable[[Path, Sentinel], None] = write_sentinel) -> None:
+                 write: Callable[[Path, Sentinel], None] = write_sentinel,
+                 wait_for_gate: Callable[[], None] = lambda: None) -> None:
         self.worker_id = worker_id
         self.sentinel_path = sentinel
         self.restart_after = restart_after
@@ -140,6 +144,8 @@ class WorkerLifecycle:
         self.stall_timeout = stall_timeout
         self._clock = clock
         self._write = write
+        self._wait_for_gate = wait_for_gate
+        self._gate_passed = False  # the first accept waits for the accept gate
         self._lock = threading.RLock()
         self.changed = threading.Event()  # wakes the exit watcher
         self.state = WorkerState.BOOTING
@@ -188,7 +194,7 @@ class WorkerLifecycle:
             self.set_accepting(False)
 
     def _accept_if_free(self) -> None:
-        if self.state is WorkerState.READY and not self._clients:
+        if self.state is WorkerState.READY and self._gate_passed and not self._clients:
             self.set_accepting(True)
 
     # -- one client at a time (called by WorkerChannel and WorkerTask for the public socket)
@@ -211,11 +217,17 @@ class WorkerLifecycle:
     # -- boot
 
     def ready(self) -> None:
+        """The model is loaded: say READY, pass the accept gate, then accept. READY comes first
+        because it is what makes the supervisor open a closed gate."""
         with self._lock:
-            if self.state is WorkerState.BOOTING:
-                self._become(WorkerState.READY)  # reports, then accepts
-            else:
+            if self.state is not WorkerState.BOOTING:
                 self.report()  # told to drain while loading: it says it loaded, and leaves
+                return
+            self._become(WorkerState.READY)
+        self._wait_for_gate()  # outside the lock: a drain may come meanwhile
+        with self._lock:
+            self._gate_passed = True
+            self._accept_if_free()
 
     def load_failed(self, reason: str) -> None:
         with self._lock:
@@ -572,6 +584,7 @@ def run_supervised(args: argparse.Namespace, public: socket.socket | None = None
     lifecycle = WorkerLifecycle(
         args.worker_id, args.sentinel, restart_after=args.restart_after,
         request_timeout=settings.request_timeout, stall_timeout=settings.stall_timeout,
+        wait_for_gate=AcceptGate(settings.run_dir).wait_until_open,
     )
     return SupervisedWorker(settings, lifecycle, public, commands or sys.stdin.buffer).run()
 

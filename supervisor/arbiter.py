@@ -93,6 +93,26 @@ class NullFallback:
         pass
 
 
+class Gate(Protocol):
+    """What a worker passes before it first accepts (see api/accept_gate.py): closed, it keeps
+    every worker that is not accepting yet from starting to."""
+
+    def close(self) -> bool:
+        """Close it unless a worker holds it open (is accepting or will again); True if closed now."""
+
+    def open(self) -> None: ...
+
+
+class NoGate:
+    """A gate that never closes: the fallback then answers only while no worker could accept."""
+
+    def close(self) -> bool:
+        return False
+
+    def open(self) -> None:
+        pass
+
+
 # -- one worker
 
 
@@ -122,6 +142,7 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 
 SENTINEL_PHASES = {WorkerState.READY: Phase.READY, WorkerState.BUSY: Phase.BUSY, WorkerState.DRAINING: Phase.DRAINING}
 MAY_ACCEPT = frozenset({Phase.STARTING, Phase.READY, Phase.BUSY})  # may be accepting now or soon
+UP = frozenset({Phase.READY, Phase.BUSY})  # loaded and serving: accepting, or will accept again
 LEAVING = frozenset({Phase.DRAINING, Phase.TERMINATING, Phase.KILLED, Phase.EXITED})
 
 
@@ -204,6 +225,12 @@ class Timing:
     probe_timeout_max: float = 5.0
     probe_timeout_min: float = 1.0
     watchdog_interval: float = 1.0  # WATCHDOG=1 pings (half of systemd's WatchdogSec if set)
+    # "A short wait": while no worker is up, clients wait in the accept queue for a loading worker
+    # expected READY (going by the last load's time) within this long and late by no more than
+    # this; otherwise they get a 503 with Retry-After. A few seconds is a pause any client sits
+    # through, and it must exceed how much a load varies: on 2 cores loaded 6-fold, a tiny model's
+    # worker took 0.4 to 1.8 s from spawn to READY (a spawned one 2.5 to 6.8 s, imports included).
+    short_wait: float = 5.0
 
 
 @dataclass
@@ -214,6 +241,7 @@ class Arbiter:
     rng: random.Random = field(default_factory=random.Random)
     notify: Callable[[str], None] = lambda _message: None
     fallback: Fallback = field(default_factory=NullFallback)
+    gate: Gate = field(default_factory=NoGate)
     reload_settings: Callable[[], Settings] | None = None
     timing: Timing = field(default_factory=Timing)
 
@@ -230,6 +258,8 @@ class Arbiter:
         self.stopping_since: float | None = None
         self.ready_notified = False
         self.unavailable_since: float | None = None  # since when the 503 fallback answers
+        self.last_boot_seconds: float | None = None  # spawn to READY, of the last worker that loaded
+        self.last_served_at: float | None = None  # when a worker was last seen to have served a request
         self.next_watchdog_at = 0.0
 
     # -- the loop
@@ -294,6 +324,7 @@ class Arbiter:
                  "(%g s) to finish, then their workers are killed.", why, self.settings.graceful_timeout)
         self.notify("STOPPING=1")
         self.fallback.disable()
+        self.gate.open()
         self.ops.close_listener()
         for handle in self.alive():
             if handle.phase not in (Phase.TERMINATING, Phase.KILLED):
@@ -392,9 +423,13 @@ class Arbiter:
             handle.busy_since = now  # REQUEST_TIMEOUT applies to each inference, not to a request of several
         if previous is not None and sentinel.requests_served > previous.requests_served:
             self.backoff.reset()  # the model works: failures so far were not a pattern
+            self.last_served_at = now
         phase = SENTINEL_PHASES.get(sentinel.state)
+        was_loading = handle.phase is Phase.STARTING
         if phase is None or not handle.transition(phase, now):
             return
+        if was_loading:
+            self.last_boot_seconds = now - handle.spawned_at
         if phase is Phase.READY and not self.ready_notified:
             log.info("%s is ready after %.2f s: serving on http://%s:%d", handle.name, now - handle.spawned_at,
                      self.settings.listen_ip, self.settings.listen_port)
@@ -404,11 +439,17 @@ class Arbiter:
             log.debug("%s is draining: %s", handle.name, sentinel.reason)
 
     def probe_workers(self) -> None:
-        """Health probes on each worker's control port; a run of failures counts as a hang."""
+        """Health probes on each worker's control port; a run of failures counts as a hang.
+
+        A worker opens its control port before it loads its model and announces it in its first
+        sentinel, so a worker frozen while loading is found as fast as an idle one, not after
+        BOOT_TIMEOUT. (The load does not starve the thread that answers: gpt4all loads in C through
+        ctypes, which releases the GIL; measured on 2 busy cores, that thread never waited more than
+        18 ms during a 0.2 s load of the bundled model.)"""
         now = self.clock()
         interval = self.settings.health_interval
         timeout = min(self.timing.probe_timeout_max, max(self.timing.probe_timeout_min, interval))
-        for handle in self.in_phase(Phase.READY, Phase.BUSY, Phase.DRAINING):
+        for handle in self.in_phase(Phase.STARTING, Phase.READY, Phase.BUSY, Phase.DRAINING):
             if handle.probe is not None:
                 if handle.probe.done():
                     answered = not handle.probe.cancelled() and handle.probe.exception() is None and handle.probe.result()
@@ -439,7 +480,7 @@ class Arbiter:
             return (f"its generation ran for {now - handle.busy_since:.1f} s "
                     f"(REQUEST_TIMEOUT is {settings.request_timeout:g} s) and the worker did not stop it itself")
         if handle.probe_failures >= self.timing.probe_failures_for_hang:
-            return f"it did not answer {handle.probe_failures} health probes in a row"
+            return f"it did not answer {handle.probe_failures} health probes in a row {handle.doing()}"
         # A draining worker may still owe answers to connections it accepted before it stopped
         # accepting; each one shows as progress. Only a drain that shows nothing for
         # GRACEFUL_TIMEOUT is stuck: killing a worker that is still answering loses those requests.
@@ -506,10 +547,18 @@ class Arbiter:
                 self.drain(handle, f"its memory (USS {uss / MB:.1f} MB) is above MAX_WORKER_MEMORY_MB ({limit_mb})", now)
 
     def retire_stale_workers(self) -> None:
-        """After a reload, drain one old worker for each new one that is up, so capacity never drops."""
+        """After a reload, drain one old worker for each new one that is up, so capacity never drops.
+
+        Only workers that are up count as capacity. An old worker still loading (started by an
+        earlier reload that a newer one overtook) serves no one: it goes at once, and never in
+        place of a worker that is up."""
         if self.stopping:
             return
+        now = self.clock()
         old = [h for h in self.alive() if h.generation < self.generation]
+        for handle in [h for h in old if h.phase is Phase.STARTING]:
+            log.info("%s was still loading an old configuration: draining it (reload)", handle.name)
+            self.drain(handle, "the configuration was reloaded", now)
         staying = [h for h in old if not h.leaving]
         if not staying:
             if self.reloading and not old and any(h.phase is Phase.READY for h in self.alive()):
@@ -517,11 +566,11 @@ class Arbiter:
                 log.info("reload complete: every worker runs the new configuration")
                 self.notify("READY=1")
             return
-        new_up = sum(1 for h in self.alive() if h.generation == self.generation and h.phase in (Phase.READY, Phase.BUSY))
+        new_up = sum(1 for h in self.alive() if h.generation == self.generation and h.phase in UP)
         if new_up + len(staying) - 1 >= self.settings.workers + self.settings.warm_spares:
             victim = min(staying, key=lambda h: (h.phase is not Phase.READY, h.worker_id))
             log.info("%s runs the old configuration: draining it (reload)", victim.name)
-            self.drain(victim, "the configuration was reloaded", self.clock())
+            self.drain(victim, "the configuration was reloaded", now)
 
     def target_size(self) -> int:
         """Workers that are not leaving: WORKERS + WARM_SPARES, and one more during a rolling restart."""
@@ -572,24 +621,73 @@ class Arbiter:
                 f"{self.backoff.failures} attempt(s) failed in a row; the next one starts in about {retry_after} s. "
                 "The service log has the details.")
 
-    def update_fallback(self) -> None:
-        """Answer clients with a 503 that says why, but only while no worker process exists that
-        could accept: the fallback and a worker never accept on the socket at the same time."""
-        now = self.clock()
-        if self.unavailable_since is not None and (self.in_phase(Phase.READY, Phase.BUSY) or not self.backoff.failures):
-            # (a worker may come up and serve its request between two passes: the served request
-            # then shows as a backoff reset)
+    def expected_ready_at(self, handle: WorkerHandle) -> float:
+        """When a loading worker should be READY, going by the last load (none measured yet: at once)."""
+        return handle.spawned_at + (self.last_boot_seconds or 0.0)
+
+    def ready_soon(self, handle: WorkerHandle, now: float) -> bool:
+        """Whether clients had better wait for this loading worker than get a 503: it is due within
+        a short wait, and not late by more than that either (a frozen or stuck load)."""
+        due, wait = self.expected_ready_at(handle), self.timing.short_wait
+        return due - wait <= now <= due + wait
+
+    def still_loading(self, loading: list[WorkerHandle], now: float) -> tuple[str, int]:
+        """The 503's reason and Retry-After while workers load but none will be READY soon."""
+        upcoming = [due for due in map(self.expected_ready_at, loading) if due > now]
+        if upcoming:  # a model that takes long to load: say when, going by the last load
+            retry_after = math.ceil(min(upcoming) - now)
+            return f"No worker is ready yet: the model is loading and should be ready in about {retry_after} s.", retry_after
+        loading_for = now - min(handle.spawned_at for handle in loading)
+        slower = "" if self.last_boot_seconds is None else f", longer than the last load ({self.last_boot_seconds:.1f} s)"
+        return (f"No worker is ready yet: the model has been loading for {loading_for:.0f} s{slower}.",
+                max(1, math.ceil(self.timing.short_wait)))
+
+    def why_unavailable(self, now: float) -> tuple[str, int] | None:
+        """Why clients should get a 503 now, and when to retry; None while a worker is up or will
+        be within a short wait (clients wait in the accept queue for it instead)."""
+        if self.in_phase(*UP):
+            return None
+        loading = self.in_phase(Phase.STARTING)
+        if any(self.ready_soon(handle, now) for handle in loading):
+            return None
+        if loading:
+            return self.still_loading(loading, now)
+        if self.backoff.failures:
+            retry_after = max(1, math.ceil(self.next_spawn_at - now))
+            return self.unavailable_reason(retry_after), retry_after
+        return None
+
+    def workers_kept_out(self) -> bool:
+        """True if no worker can accept while the fallback does: none that could exists, or the
+        accept gate is closed (it closes only while no worker is accepting or will again)."""
+        return not self.in_phase(*MAY_ACCEPT) or self.gate.close()
+
+    def note_the_service_is_back(self, now: float) -> None:
+        # (a worker may come up and serve its request between two passes: only the served request shows)
+        if self.unavailable_since is None:
+            return
+        served = self.last_served_at is not None and self.last_served_at >= self.unavailable_since
+        if self.in_phase(*UP) or served:
             log.info("a worker is up again: the service is back after %.1f s of 503 answers",
                      now - self.unavailable_since)
             self.unavailable_since = None
-        if self.stopping or not self.backoff.failures or self.in_phase(*MAY_ACCEPT):
-            self.fallback.disable()
+
+    def update_fallback(self) -> None:
+        """Answer clients with a 503 that says why while no worker is up and none will be within a
+        short wait: during a crash backoff, and while workers load for longer than that. Never
+        while a worker may accept: the fallback and a worker never accept on the socket at once."""
+        now = self.clock()
+        self.note_the_service_is_back(now)
+        unavailable = None if self.stopping else self.why_unavailable(now)
+        if unavailable is None or not self.workers_kept_out():
+            self.fallback.disable()  # returns once the fallback accepts no more ...
+            self.gate.open()  # ... and only then may a worker that waits at the gate accept
             return
-        retry_after = max(1, math.ceil(self.next_spawn_at - now))
+        reason, retry_after = unavailable
         if self.unavailable_since is None:
             self.unavailable_since = now
-            log.warning("no worker can serve: clients get 503 with Retry-After until one starts")
-        self.fallback.enable(self.unavailable_reason(retry_after), retry_after)
+            log.warning("no worker can serve: clients get 503 with Retry-After until one is ready. %s", reason)
+        self.fallback.enable(reason, retry_after)
 
     def notify_service_manager(self) -> None:
         now = self.clock()

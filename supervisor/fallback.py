@@ -4,8 +4,9 @@ When workers keep failing to start (a broken model file, say), a client connecti
 the kernel's accept queue with no answer. Instead, while the arbiter says so, this thread accepts
 those connections and answers every request with a 503 in the OpenAI error format, a
 `Retry-After` header and a message that says why. It never races a worker: the arbiter enables it
-only while no worker process that could accept exists, and `disable()` returns only once no
-further `accept()` can happen, before the arbiter spawns the next worker.
+only while no worker process that could accept exists or the accept gate keeps them all out
+(api/accept_gate.py), and `disable()` returns only once no further `accept()` can happen, before
+the arbiter spawns the next worker or opens the gate.
 
 It applies the workers' own access rules (api/access.py: AUTHORIZED_URLS, then API_KEY on every
 route but the health checks), so a client that a worker would refuse gets the worker's 403 or 401

@@ -1,7 +1,8 @@
 """The supervisor process: set up, run the arbiter's loop, clean up.
 
 Setting up takes the pid file lock, binds the public socket once, starts the log writer, the
-fallback responder and the watch on the run folder; then the loop runs the arbiter until it has
+fallback responder (with the accept gate that keeps it and the workers apart) and the watch on
+the run folder; then the loop runs the arbiter until it has
 stopped. Signal handlers, sentinel events and worker pipes closing only wake the loop; every
 decision is the arbiter's (supervisor/arbiter.py).
 """
@@ -20,6 +21,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from api.accept_gate import AcceptGate
 from api.access import AccessPolicy
 from api.config import ConfigError, Settings, check_model_files, load_settings
 from api.protocol import is_sentinel_name, read_sentinel
@@ -127,7 +129,8 @@ class Supervisor:
             cleanup.callback(ops.close)
             self.fallback = FallbackResponder(listener, AccessPolicy.from_settings(settings))
             cleanup.callback(self.fallback.close)
-            self.arbiter = Arbiter(settings, ops, notify=notify, fallback=self.fallback, reload_settings=self.reload_settings,
+            self.arbiter = Arbiter(settings, ops, notify=notify, fallback=self.fallback, gate=AcceptGate(settings.run_dir),
+                                   reload_settings=self.reload_settings,
                                    timing=Timing(watchdog_interval=min(1.0, notify.watchdog_interval or 1.0)))
             cleanup.callback(self.kill_survivors)
             cleanup.enter_context(self.watching(settings.run_dir))

@@ -150,16 +150,38 @@ class FakeFallback:
         self.history.append(False)
 
 
+class FakeGate:
+    """The accept gate: closes unless a worker holds it open; records whether the fallback was
+    still answering whenever it opened (it must never be: a worker may accept right after)."""
+
+    def __init__(self, fallback: FakeFallback) -> None:
+        self.fallback = fallback
+        self.held_open = False  # a worker passed it (accepting, or will again)
+        self.closed = False
+        self.opened_while_answering: list[bool] = []
+
+    def close(self) -> bool:
+        self.closed = self.closed or not self.held_open
+        return self.closed
+
+    def open(self) -> None:
+        if self.closed:
+            self.opened_while_answering.append(self.fallback.enabled is not None)
+            self.closed = False
+
+
 class Harness:
-    def __init__(self, **overrides: object) -> None:
+    def __init__(self, *, with_gate: bool = False, **overrides: object) -> None:
         self.clock = FakeClock()
         self.ops = FakeOps()
         self.fallback = FakeFallback()
+        self.gate = FakeGate(self.fallback)
         self.notes: list[str] = []
         self.reloaded: Settings | None = None
+        gate = {"gate": self.gate} if with_gate else {}
         self.arbiter = Arbiter(make_settings(**overrides), self.ops, clock=self.clock, rng=random.Random(7),
                                notify=self.notes.append, fallback=self.fallback, reload_settings=self.reload,
-                               timing=Timing(tick=0.25))
+                               timing=Timing(tick=0.25), **gate)
 
     def reload(self) -> Settings:
         assert self.reloaded is not None
@@ -344,6 +366,87 @@ def test_fallback_is_disabled_before_any_spawn_and_while_any_worker_may_accept()
     assert h.fallback.enabled is None
 
 
+def boot_once_in(h: Harness, seconds: float) -> FakeChild:
+    """Start a pool of one whose worker takes `seconds` to load (the arbiter measures it), then
+    have that worker serve its request and go, so that no worker is up and its replacement loads."""
+    h.tick()
+    [first] = h.ops.alive()
+    first.report(WorkerState.BOOTING)
+    h.run(seconds)
+    first.become_ready()
+    h.tick()
+    assert h.arbiter.last_boot_seconds == pytest.approx(seconds)
+    first.start_generation(drains=True)
+    h.tick()
+    first.finish(EXIT_SERVED)
+    h.tick()
+    [replacement] = h.ops.alive()
+    replacement.report(WorkerState.BOOTING)
+    return replacement
+
+
+def test_clients_wait_for_a_worker_due_within_a_short_wait_then_get_a_503_with_retry_after(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="supervisor")
+    h = Harness(with_gate=True, WORKERS=1, WARM_SPARES=0, BOOT_TIMEOUT=120)
+    late = boot_once_in(h, 0.5)
+    short_wait = h.arbiter.timing.short_wait
+    h.run(0.5 + short_wait - 0.25)  # due after 0.5 s, like the last load: clients wait in the accept queue
+    assert h.fallback.enabled is None and not h.gate.closed
+    h.run(0.5)  # late by more than the short wait (frozen, or stuck)
+    assert h.gate.closed, "the gate keeps the loading worker out while the fallback answers"
+    assert h.fallback.enabled == ("No worker is ready yet: the model has been loading for 6 s, longer than the "
+                                  "last load (0.5 s).", 5)
+    assert "no worker can serve: clients get 503" in caplog.text
+    late.become_ready()  # it made it after all: READY, and waiting at the gate
+    h.tick()
+    assert h.fallback.enabled is None and not h.gate.closed
+    assert h.gate.opened_while_answering == [False], "the fallback stopped before the gate let the worker in"
+    assert "the service is back after" in caplog.text
+    assert late.signals == []
+
+
+def test_a_model_slow_to_load_gets_a_503_that_says_when_then_clients_wait_for_it() -> None:
+    h = Harness(with_gate=True, WORKERS=1, WARM_SPARES=0, BOOT_TIMEOUT=120)
+    boot_once_in(h, 20)
+    assert h.fallback.enabled == ("No worker is ready yet: the model is loading and should be ready in about 20 s.", 20)
+    h.run(20 - h.arbiter.timing.short_wait - 0.5)
+    assert h.fallback.enabled is not None and h.fallback.enabled[1] == h.arbiter.timing.short_wait + 1
+    h.run(0.5)
+    assert h.fallback.enabled is None, "due within the short wait: clients wait for it"
+    assert not any(h.gate.opened_while_answering)
+
+
+def test_a_worker_frozen_while_loading_gets_clients_a_503_until_its_replacement_is_due() -> None:
+    h = Harness(with_gate=True, WORKERS=1, WARM_SPARES=0, BOOT_TIMEOUT=120, HEALTH_INTERVAL=4)
+    frozen = boot_once_in(h, 0.5)
+    frozen_at = h.clock()
+    frozen.healthy = False
+    h.run(6)
+    assert h.fallback.enabled is not None and frozen.signals == []
+    while frozen.signals != ["TERM"]:  # three failed probes of 4 s each
+        h.tick(0.25)
+    assert h.clock() - frozen_at < 15, "found by its probes, long before BOOT_TIMEOUT"
+    assert len(h.ops.alive()) == 2, "its replacement loads"
+    assert h.fallback.enabled is None, "the replacement is due within the short wait: clients wait for it"
+    assert h.gate.opened_while_answering == [False]
+
+
+def test_no_503_while_a_worker_holds_the_gate_open_nor_without_a_gate_while_one_loads() -> None:
+    h = Harness(with_gate=True, WORKERS=1, WARM_SPARES=0, BOOT_TIMEOUT=120)
+    boot_once_in(h, 0.5)
+    h.gate.held_open = True  # say, the worker that served still finishes its answer
+    h.run(10)
+    assert h.fallback.enabled is None
+    h.gate.held_open = False
+    h.tick()
+    assert h.fallback.enabled is not None
+    without_gate = Harness(WORKERS=1, WARM_SPARES=0, BOOT_TIMEOUT=120)
+    boot_once_in(without_gate, 0.5)
+    without_gate.run(10)
+    assert without_gate.fallback.enabled is None, "a loading worker may accept at any moment"
+
+
 def test_recovery_resets_the_backoff_after_a_served_request() -> None:
     h = Harness(RESTART_BACKOFF_MAX=4, RESTART_AFTER_REQUESTS=0)
     h.tick()
@@ -484,6 +587,30 @@ def test_boot_timeout() -> None:
     assert "BOOT_TIMEOUT" in h.arbiter.workers[first.spec.worker_id].hang_cause
 
 
+def test_a_worker_frozen_while_loading_is_found_by_its_probes_long_before_boot_timeout() -> None:
+    h = Harness(BOOT_TIMEOUT=120, HEALTH_INTERVAL=1)
+    h.tick()
+    frozen, quiet = h.ops.children
+    frozen.report(WorkerState.BOOTING)  # its first sentinel names its control port
+    quiet.report(WorkerState.BOOTING, control_port=None)
+    frozen.healthy = quiet.healthy = False
+    h.run(3.5)
+    assert frozen.signals == ["TERM"]
+    assert h.arbiter.workers[frozen.spec.worker_id].hang_cause == (
+        "it did not answer 3 health probes in a row while loading its model")
+    assert quiet.probes == 0 and quiet.signals == [], "no port announced, nothing to probe: BOOT_TIMEOUT applies"
+    assert len(h.ops.alive()) == 3, "a replacement loads at once"
+
+
+def test_a_loading_worker_that_answers_its_probes_is_left_to_load() -> None:
+    h = Harness(BOOT_TIMEOUT=120, HEALTH_INTERVAL=1)
+    h.tick()
+    slow, _ = h.ops.children
+    slow.report(WorkerState.BOOTING)
+    h.run(60)
+    assert slow.probes >= 50 and slow.signals == []
+
+
 def test_repeated_health_probe_failures_mean_a_hang_but_one_does_not() -> None:
     h = Harness(HEALTH_INTERVAL=1)
     first, second = h.ready_pool()
@@ -576,6 +703,36 @@ def test_sighup_replaces_workers_one_by_one_never_below_capacity() -> None:
     assert all(child.sent == ["drain the configuration was reloaded"] for child in old)
     assert len(h.ops.alive()) == 2 and all(hd.generation == 2 for hd in h.arbiter.workers.values())
     assert h.notes.count("READY=1") == 1, "READY=1 again once the reload is complete"
+
+
+def test_a_second_sighup_while_replacements_load_never_drains_the_only_ready_worker() -> None:
+    """Seen with a real service: two reloads closer together than a worker's load time counted the
+    first reload's replacement, still loading, as capacity and drained the only READY worker."""
+    h = Harness(RESTART_AFTER_REQUESTS=0, WORKERS=1, WARM_SPARES=0)
+    [first] = h.ready_pool()
+    h.reloaded = make_settings(RESTART_AFTER_REQUESTS=0, WORKERS=1, WARM_SPARES=0)
+    h.arbiter.signals.append("SIGHUP")
+    h.tick()
+    [_, loading] = h.ops.alive()
+    h.tick(0.25)
+    assert h.arbiter.workers[loading.spec.worker_id].phase is Phase.STARTING
+    h.arbiter.signals.append("SIGHUP")  # the second reload, while the first one's worker still loads
+    h.tick()
+    assert first.sent == [], "the only READY worker stays until a replacement is READY"
+    assert loading.sent == ["drain the configuration was reloaded"], "the stale loading worker goes at once"
+    [newest] = [child for child in h.ops.alive() if child not in (first, loading)]
+    loading.returncode = EXIT_DRAINED
+    for _ in range(8):  # the newest one takes a while to load: the old one serves meanwhile
+        h.tick(0.25)
+        assert [hd.phase for hd in h.arbiter.workers.values() if hd.phase is Phase.READY] == [Phase.READY]
+    assert first.sent == []
+    newest.become_ready()
+    h.tick()
+    assert first.sent == ["drain the configuration was reloaded"]
+    first.returncode = EXIT_DRAINED
+    h.tick()
+    assert [hd.generation for hd in h.arbiter.workers.values()] == [3]
+    assert h.notes.count("READY=1") == 1, "the reload completed"
 
 
 def test_bad_configuration_on_reload_keeps_the_running_one(caplog: pytest.LogCaptureFixture) -> None:

@@ -4,6 +4,7 @@ itself killed. Each test asserts what clients see and what the log tells."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import json
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ import psutil
 import pytest
 import requests
 
+from api.protocol import WorkerState
 from tests.conftest import TINY_CHAT, TINY_EMBED
 from tests.servers import CHAT
 from tests.test_supervisor_e2e import ENDLESS, Service
@@ -34,6 +37,41 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def all_threads_stopped(pid: int) -> bool:
+    """True once every thread of `pid` is stopped (SIGSTOP reaches each thread in its own time)."""
+    try:
+        return all(Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+                   for task in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return False
+
+
+def freeze_a_booting_worker(service: Service, start_one: Callable[[], object], attempts: int = 20) -> int:
+    """SIGSTOP a worker while it loads its model, after it announced its control port; its pid.
+
+    `start_one` makes the service start a worker (it runs in a thread of its own). A tiny model
+    loads in tens of milliseconds: a worker that turns out to have said READY before it stopped is
+    continued, and the next one is tried."""
+    for _ in range(attempts):
+        known = set(service.sentinels())
+        threading.Thread(target=start_one, daemon=True).start()
+        deadline, new = time.monotonic() + 10, None
+        while new is None and time.monotonic() < deadline:
+            new = next(((pid, sentinel) for pid, sentinel in service.sentinels().items()
+                        if pid not in known and sentinel.control_port), None)
+        assert new is not None, f"no new worker started\n{service.log()[-3000:]}"
+        pid, sentinel = new
+        if sentinel.state is not WorkerState.BOOTING:
+            continue  # first seen after it had loaded
+        os.kill(pid, signal.SIGSTOP)
+        service.wait_for(lambda frozen=pid: all_threads_stopped(frozen) or gone(frozen), 5, f"pid {pid} to stop")
+        sentinel = service.sentinels().get(pid)
+        if sentinel is not None and sentinel.state is WorkerState.BOOTING:
+            return pid
+        os.kill(pid, signal.SIGCONT)  # too late: it had loaded already
+    raise AssertionError(f"no worker could be stopped while booting in {attempts} attempts")
 
 
 def test_sigkill_of_a_busy_worker_the_next_request_is_served_within_a_second(
@@ -76,6 +114,44 @@ def test_sigstop_of_a_busy_worker_is_detected_killed_and_replaced(start_service:
     assert service.chat(timeout=10).status_code == 200
 
 
+def test_a_worker_frozen_while_loading_is_replaced_long_before_boot_timeout_and_clients_get_503_meanwhile(
+        start_service: Callable[..., Service]) -> None:
+    # probes of 4 s: the frozen worker is called hung after about 13 s, later than the short wait
+    service = start_service(WORKERS=1, WARM_SPARES=0, BOOT_TIMEOUT=120, HEALTH_INTERVAL=4)
+    frozen = freeze_a_booting_worker(service, lambda: service.chat(timeout=30))
+    # the worker that served that request leaves: no worker is up, and the frozen one will not be
+    response = service.chat(timeout=30)
+    assert response.status_code == 503, response.text
+    assert int(response.headers["Retry-After"]) >= 1
+    error = response.json()["error"]
+    assert error["code"] == "service_unavailable" and "the model has been loading for" in error["message"], error
+    service.wait_for(lambda: gone(frozen), 30, "the frozen worker to be replaced (BOOT_TIMEOUT is 120 s)")
+    hung = f"(pid {frozen}) seems hung: it did not answer 3 health probes in a row while loading its model"
+    service.wait_for(lambda: hung in service.log(), 5, "the hang in the log")
+    response = service.chat(timeout=30)
+    assert response.status_code == 200 and response.headers["X-Worker-Pid"] != str(frozen)
+    service.wait_for(lambda: "the service is back after" in service.log(), 5, "the end of the 503 period in the log")
+
+
+def test_a_loading_worker_that_resumes_while_clients_get_503_takes_over_from_the_fallback(
+        start_service: Callable[..., Service]) -> None:
+    """The fallback answers while a loading worker might still come up: the accept gate makes a
+    worker that finishes loading meanwhile wait until the fallback has stopped, then serve."""
+    service = start_service(WORKERS=1, WARM_SPARES=0, BOOT_TIMEOUT=120, HEALTH_INTERVAL=5)  # hung after ~16 s
+    late = freeze_a_booting_worker(service, lambda: service.chat(timeout=30))
+    response = service.chat(timeout=30)
+    assert response.status_code == 503
+    os.kill(late, signal.SIGCONT)
+    for _ in range(5):  # a client that honours Retry-After
+        time.sleep(int(response.headers["Retry-After"]))
+        response = service.chat(timeout=30)
+        if response.status_code != 503:
+            break
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Worker-Pid"] == str(late)
+    assert "seems hung" not in service.log()
+
+
 def test_sigstop_of_an_idle_worker_is_found_by_the_health_probe(start_service: Callable[..., Service]) -> None:
     service = start_service(RESTART_AFTER_REQUESTS=0, HEALTH_INTERVAL=0.3)
     service.wait_for(lambda: service.ready_count() == 2, 10, "two ready workers")
@@ -115,7 +191,7 @@ def write_aborting_embedding_model(path: Path) -> None:
 
 @pytest.mark.parametrize(("broken_file", "break_it", "symptom", "logged"), [
     (TINY_CHAT, write_random_bytes, "the model could not be loaded",
-     "exited with code 11 (the model could not be loaded) while loading its model: the model tiny-chat.gguf could not be loaded"),
+     "exited with code 11 (the model could not be loaded) while loading its model: a model could not be loaded: tiny-chat.gguf"),
     (TINY_EMBED, write_aborting_embedding_model, "a worker crashed while loading its model",
      "killed by SIGABRT while loading its model"),
 ], ids=["unreadable-chat-model", "embedding-model-that-aborts"])
@@ -364,3 +440,35 @@ def test_a_full_log_disk_neither_stops_serving_nor_floods_the_console(
     text = console()
     assert text.count("cannot write the log file") == 1, text[-3000:]
     assert "Traceback" not in text and "Logging error" not in text, text[-3000:]
+
+
+def test_two_sighups_closer_together_than_a_model_load_never_leave_no_worker_ready(
+        start_service: Callable[..., Service]) -> None:
+    """A worker frozen while it loads stands for a load slower than the time between two reloads:
+    the second reload must not count it as capacity and drain the only READY worker."""
+    service = start_service(WORKERS=1, WARM_SPARES=0, RESTART_AFTER_REQUESTS=0)
+    loading = freeze_a_booting_worker(service, lambda: service.signal(signal.SIGHUP))
+    serving = {pid for pid, sentinel in service.sentinels().items() if sentinel.state is WorkerState.READY}
+    fewest_ready = [service.ready_count()]
+    sampling = threading.Event()
+
+    def count_ready_workers() -> None:
+        while not sampling.is_set():
+            fewest_ready[0] = min(fewest_ready[0], service.ready_count())
+
+    sampler = threading.Thread(target=count_ready_workers)
+    sampler.start()
+    try:
+        service.signal(signal.SIGHUP)  # the second reload, while the first one's worker still loads
+        service.wait_for(lambda: [pid for pid, s in service.sentinels().items()
+                                  if pid not in {*serving, loading} and s.state is WorkerState.READY], 20,
+                         "the second reload's worker to be READY")
+        os.kill(loading, signal.SIGCONT)
+        service.wait_for(lambda: "reload complete" in service.log(), 20, "the reload to complete")
+    finally:
+        sampling.set()
+        sampler.join(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(loading, signal.SIGCONT)
+    assert fewest_ready[0] >= 1, f"no worker was READY for a while\n{service.log()[-3000:]}"
+    assert service.chat(timeout=10).status_code == 200

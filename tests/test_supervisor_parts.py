@@ -1,5 +1,5 @@
-"""The supervisor's small parts in-process: sd_notify, the pid file lock, the 503 fallback, the
-log writer, the wake-up socket pair."""
+"""The supervisor's small parts in-process: sd_notify, the pid file lock, the accept gate, the 503
+fallback, the log writer, the wake-up socket pair."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from api.accept_gate import AcceptGate
 from api.access import AccessPolicy
 from api.config import load_settings
 from supervisor.fallback import FallbackResponder
@@ -66,6 +68,37 @@ def test_pid_file_is_locked_while_held_and_free_after_the_holder_dies(tmp_path: 
     second.acquire()
     assert second.path.read_text() == f"{os.getpid()}\n"
     second.release()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the gate never closes on Windows")
+def test_accept_gate_holds_a_loaded_worker_while_closed_and_cannot_close_while_a_worker_is_through(
+        tmp_path: Path) -> None:
+    gate = AcceptGate(tmp_path)
+    assert gate.close(), "no worker holds it"
+    # a worker process (flock is per open file: another process is the honest test)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", f"from pathlib import Path; from api.accept_gate import AcceptGate; "
+                               f"AcceptGate(Path(r'{tmp_path}')).wait_until_open(); print('through', flush=True); "
+                               f"input()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        time.sleep(1)
+        assert worker.poll() is None and not _has_output(worker), "it waits at the closed gate"
+        gate.open()
+        assert worker.stdout is not None and worker.stdout.readline() == "through\n"
+        assert not gate.close(), "a worker that passed holds the gate open: it may be accepting"
+        worker.kill()
+        worker.wait(5)
+        assert gate.close(), "its lock died with it"
+        assert gate.close(), "closing a closed gate is harmless"
+    finally:
+        worker.kill()
+        worker.wait(5)
+        gate.open()
+
+
+def _has_output(process: subprocess.Popen[str]) -> bool:
+    return bool(select.select([process.stdout], [], [], 0)[0])
 
 
 def test_already_running_message_is_one_sentence(tmp_path: Path) -> None:

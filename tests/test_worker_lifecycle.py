@@ -82,6 +82,28 @@ def test_boot_then_ready_opens_the_public_socket() -> None:
     assert recorder.last.pid > 0 and recorder.last.worker_id == 7
 
 
+def test_a_loaded_worker_says_ready_then_accepts_only_once_past_the_accept_gate() -> None:
+    recorder = Recorder()
+    seen_at_the_gate: list[tuple[WorkerState, list[bool]]] = []
+    lifecycle = WorkerLifecycle(7, Path("unused"), restart_after=0, request_timeout=10, stall_timeout=3,
+                                write=recorder.write,
+                                wait_for_gate=lambda: seen_at_the_gate.append((recorder.last.state, [*recorder.accepting])))
+    lifecycle.set_accepting = recorder.accepting.append
+    lifecycle.report()
+    lifecycle.ready()
+    assert seen_at_the_gate == [(WorkerState.READY, [])], "READY reported before the gate, no accept before it"
+    assert recorder.accepting == [True]
+
+
+def test_a_worker_told_to_drain_while_waiting_at_the_gate_never_accepts() -> None:
+    recorder = Recorder()
+    lifecycle = WorkerLifecycle(7, Path("unused"), restart_after=0, request_timeout=10, stall_timeout=3,
+                                write=recorder.write, wait_for_gate=lambda: lifecycle.drain(EXIT_DRAINED, "asked"))
+    lifecycle.set_accepting = recorder.accepting.append
+    lifecycle.ready()
+    assert True not in recorder.accepting and recorder.last.state is WorkerState.DRAINING
+
+
 def test_a_request_that_will_recycle_the_worker_drains_at_its_start() -> None:
     lifecycle, _clock, recorder = make(restart_after=1)
     current = task()
