@@ -32,6 +32,7 @@ import io
 import itertools
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -75,6 +76,9 @@ PROGRESS_WRITE_INTERVAL = 0.5
 FRESH_CONNECTION_GRACE = 1.0
 """How long a client that connected may take to send its request: meanwhile the worker holds off
 other clients (and a draining worker waits for it). A silent connection stops holding it after this."""
+LINGER_SECONDS = 1.0
+"""After the worker shuts its side of an idle connection, how long it goes on reading (and dropping)
+what the client had already sent: closing a socket with unread data would reset the connection."""
 EXIT_CHECK_INTERVAL = 0.05
 SERVER_IDENT = "gpt4all-api"
 
@@ -365,10 +369,14 @@ class WorkerTask(WSGITask):
 
 
 class WorkerChannel(HTTPChannel):
-    """A client connection; on the public socket it holds the worker from accept to answer."""
+    """A client connection; on the public socket it holds the worker from accept to answer.
+
+    A draining worker closes the connections that no request is using through close_if_idle,
+    which never resets a request that arrives at that instant: see there."""
 
     task_class = WorkerTask
     started_requests = 0
+    lingering_until = 0.0  # once its sending side is shut: when to stop reading and close
 
     def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None) -> None:
         super().__init__(server, sock, addr, adj, map)
@@ -386,8 +394,73 @@ class WorkerChannel(HTTPChannel):
         return not self.started_requests and now - self.creation_time < FRESH_CONNECTION_GRACE
 
     def missed_first_request(self, now: float) -> bool:
-        """Connected FRESH_CONNECTION_GRACE ago or longer and still no request."""
-        return not self.started_requests and now - self.creation_time >= FRESH_CONNECTION_GRACE
+        """Connected FRESH_CONNECTION_GRACE ago or longer, still no request, and not being closed."""
+        return not self.started_requests and not self.lingering_until and now - self.creation_time >= FRESH_CONNECTION_GRACE
+
+    def closable(self, now: float) -> bool:
+        """No request is being answered or waits to be, nothing is left to send, none is arriving."""
+        if self.lingering_until or self.requests or self.total_outbufs_len or self.will_close or self.close_when_flushed:
+            return False
+        return not self._request_arriving(now)
+
+    def _request_arriving(self, now: float) -> bool:
+        """Part of a request has come and more came within FRESH_CONNECTION_GRACE."""
+        return self.request is not None and now - self.last_activity < FRESH_CONNECTION_GRACE
+
+    # -- closing without a reset (loop thread only)
+
+    def close_if_idle(self) -> None:
+        """Close this connection unless a request is using it or has just arrived in its socket
+        (that one is read and answered; a draining worker's answer says `Connection: close`).
+        The worker shuts its sending side first, which the client reads as end of file: a client
+        that sent a request at this very instant learns it was not processed. What was already on
+        its way is read and dropped until the client closes too or LINGER_SECONDS pass, because
+        closing a socket with unread data sends a reset instead of that clean end of file."""
+        now = time.time()
+        if not self.closable(now) or readable_now(self.socket):
+            return
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:  # the connection is already broken: nothing to protect
+            self.will_close = True
+            return
+        self.lingering_until = now + LINGER_SECONDS
+        if self.server.one_client_at_a_time:
+            self.server.lifecycle.client_released(self.client_key)
+
+    def readable(self) -> bool:
+        return bool(self.lingering_until) or super().readable()
+
+    def writable(self) -> bool:
+        if self.lingering_until:
+            return time.time() >= self.lingering_until  # then handle_write closes it
+        return bool(super().writable())
+
+    def handle_write(self) -> None:
+        if self.lingering_until:
+            self.handle_close()
+        else:
+            super().handle_write()
+
+    def received(self, data: bytes) -> bool:
+        if self.lingering_until:
+            return False  # dropped: the client has been told the connection ends (its end of file closes it)
+        return bool(super().received(data))
+
+
+def readable_now(sock: socket.socket | None) -> bool:
+    """True if `sock` has something to read at once: data or a connection's end, or, on a listening
+    socket (which every worker shares), a client waiting to be accepted."""
+    if sock is None:
+        return False
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):  # closed meanwhile
+        return False
 
 
 def inherit_listening_socket(args: argparse.Namespace) -> socket.socket:
@@ -512,10 +585,11 @@ class SupervisedWorker:
             lifecycle.changed.clear()
             lifecycle.check_overtime()
             self._release_silent_clients()
+            self._close_idle_connections_when_draining()
             code = lifecycle.exit_code
             if code == EXIT_MODEL_LOAD_FAILED:
                 self._exit(code)
-            if code is not None and lifecycle.idle() and self._connections_done():
+            if code is not None and lifecycle.idle() and not self.public_server.active_channels:
                 log.info("worker %d exits: %s", lifecycle.worker_id, lifecycle.reason)
                 self._exit(code)
 
@@ -527,18 +601,16 @@ class SupervisedWorker:
             if channel.missed_first_request(now):
                 self.lifecycle.client_released(channel.client_key)
 
-    def _connections_done(self) -> bool:
-        """True once no client connection is open on the public socket. Idle keep-alive
-        connections are closed; a client that just connected gets a moment to send its request."""
+    def _close_idle_connections_when_draining(self) -> None:
+        """A draining worker exits once every connection is closed: the loop thread closes those
+        no request is using; one that just connected gets its grace to send its request."""
+        if self.lifecycle.exit_code is None:
+            return
         now = time.time()
-        done = True
-        for channel in list(self.public_server.active_channels.values()):
-            done = False
-            busy = channel.requests or channel.request is not None or channel.total_outbufs_len or channel.close_when_flushed
-            if not busy and not channel.awaiting_first_request(now) and not channel.will_close:
-                channel.will_close = True  # the loop thread closes it
-                self.public_server.pull_trigger()
-        return done
+        to_close = [channel for channel in list(self.public_server.active_channels.values())
+                    if channel.closable(now) and not channel.awaiting_first_request(now)]
+        if to_close:
+            self.public_server.trigger.pull_trigger(lambda: [channel.close_if_idle() for channel in to_close])
 
     @staticmethod
     def _exit(code: int) -> None:
