@@ -363,9 +363,17 @@ class WorkerTask(WSGITask):
 
     def build_response_header(self) -> bytes:
         # A WSGI app may not set Connection (hop-by-hop): ask waitress to close instead.
-        if self.channel.server.lifecycle.closes_connections():
+        if self._closes_after_response():
             self.set_close_on_finish()
         return super().build_response_header()
+
+    def _closes_after_response(self) -> bool:
+        """Close the connection after this response when the worker drains, or when a client waits
+        in the listen queue: this kept-alive client then reconnects behind it. Clients that keep
+        their connections (the openai package does) and take turns would otherwise keep the worker
+        from ever being free to accept a new one."""
+        server = self.channel.server
+        return server.lifecycle.closes_connections() or (server.one_client_at_a_time and readable_now(server.socket))
 
 
 class WorkerChannel(HTTPChannel):

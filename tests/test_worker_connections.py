@@ -1,16 +1,24 @@
-"""Clients that keep connections open, against real workers on real sockets: a request sent on a
-kept-alive connection at the instant its worker drains is answered, or cleanly refused, never reset."""
+"""Clients that keep connections open, against real workers on real sockets: kept-alive clients
+taking turns with a new one, and a request sent on a kept-alive connection at the instant its worker
+drains (answered, or cleanly refused, never reset)."""
 
 from __future__ import annotations
 
 import collections
 import socket
+import threading
 import time
 from collections.abc import Callable
 
+import pytest
+import requests
+
+from tests.test_supervisor_e2e import Service
+from tests.test_supervisor_e2e import start_service as start_service  # the fixture, shared
 from tests.test_worker_protocol import Worker
 from tests.test_worker_protocol import start_worker as start_worker  # the fixture, shared
 
+COMPLETION = {"prompt": "count 0", "max_tokens": 1500, "temperature": 0}  # a quarter of a second each
 GET_MODELS = b"GET /v1/models HTTP/1.1\r\nHost: test\r\n\r\n"
 
 
@@ -31,6 +39,42 @@ def read_response_head(connection: socket.socket) -> bytes:
             break
         body += chunk
     return head
+
+
+# -- kept-alive clients take turns with new ones
+
+
+def test_two_kept_alive_clients_taking_turns_do_not_shut_out_a_new_one(start_service: Callable[..., Service]) -> None:
+    """One worker, never restarted: two clients on kept-alive connections (the `openai` package's
+    default) send their requests so that one is always running. A third client on a new
+    connection must get its turn."""
+    service = start_service(WORKERS=1, WARM_SPARES=0, RESTART_AFTER_REQUESTS=0)
+    statuses: dict[str, list[int]] = {"first": [], "second": []}
+    stop = threading.Event()
+
+    def keep_asking(name: str) -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            statuses[name].append(session.post(service.url + "/v1/completions", json=COMPLETION, timeout=30).status_code)
+
+    threads = [threading.Thread(target=keep_asking, args=(name,), daemon=True) for name in statuses]
+    for thread in threads:
+        thread.start()
+    try:
+        service.wait_for(lambda: all(len(done) >= 3 for done in statuses.values()), 30, "both kept-alive clients")
+        try:
+            newcomer = requests.post(service.url + "/v1/completions", json=COMPLETION, timeout=20)
+        except requests.Timeout:
+            pytest.fail("a client on a new connection got no answer in 20 s while two kept-alive clients took turns")
+        count = {name: len(done) for name, done in statuses.items()}
+        service.wait_for(lambda: all(len(statuses[name]) > count[name] for name in statuses), 30,
+                         "both kept-alive clients to go on being served")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert newcomer.status_code == 200, newcomer.text
+    assert {status for done in statuses.values() for status in done} == {200}
 
 
 # -- a request on a kept-alive connection at the instant the worker drains
