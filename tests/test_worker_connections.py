@@ -1,14 +1,16 @@
 """Clients that keep connections open, against real workers on real sockets: kept-alive clients
-taking turns with a new one, and a request sent on a kept-alive connection at the instant its worker
-drains (answered, or cleanly refused, never reset)."""
+taking turns, connections that never send a request (a slowloris), and a request sent on a
+kept-alive connection at the instant its worker drains. Every client that sends a request is
+served in its turn, and none is reset."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import requests
@@ -20,6 +22,20 @@ from tests.test_worker_protocol import start_worker as start_worker  # the fixtu
 
 COMPLETION = {"prompt": "count 0", "max_tokens": 1500, "temperature": 0}  # a quarter of a second each
 GET_MODELS = b"GET /v1/models HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+@contextlib.contextmanager
+def silent_connections(port: int, count: int) -> Iterator[list[socket.socket]]:
+    """`count` connections that never complete a request, as a slowloris opens them: every other
+    one sends nothing at all, the others the start of a request head and then nothing more."""
+    connections = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+    for connection in connections[1::2]:
+        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n")
+    try:
+        yield connections
+    finally:
+        for connection in connections:
+            connection.close()
 
 
 def read_response_head(connection: socket.socket) -> bytes:
@@ -75,6 +91,52 @@ def test_two_kept_alive_clients_taking_turns_do_not_shut_out_a_new_one(start_ser
             thread.join(30)
     assert newcomer.status_code == 200, newcomer.text
     assert {status for done in statuses.values() for status in done} == {200}
+
+
+# -- connections that never send a request
+
+
+def test_silent_connections_do_not_delay_a_client_that_sends_a_request(start_service: Callable[..., Service]) -> None:
+    """Each silent connection used to hold the only worker for FRESH_CONNECTION_GRACE (1 s), one
+    after another: 30 of them would keep the client behind them waiting for 30 s."""
+    service = start_service(WORKERS=1, WARM_SPARES=0, RESTART_AFTER_REQUESTS=0)
+    with silent_connections(service.port, 30):
+        waited = seconds_to_be_answered(service)
+    assert waited < 8, f"30 silent connections held the worker for {waited:.1f} s"
+
+
+def test_more_silent_connections_than_a_worker_holds_do_not_shut_out_a_client(
+        start_service: Callable[..., Service]) -> None:
+    """Past waitress's connection limit (100) a worker accepts nothing more. A slowloris that
+    fills it must not keep a client that sends a request waiting until the silent ones time out:
+    the worker closes the silent connections that have had their chance."""
+    service = start_service(WORKERS=1, WARM_SPARES=0, RESTART_AFTER_REQUESTS=0)
+    with silent_connections(service.port, 120) as silent:
+        time.sleep(2)  # every silent connection accepted or waiting, and past its grace
+        waited = seconds_to_be_answered(service)
+        closed = sum(1 for connection in silent if _closed_cleanly(connection))
+    assert waited < 8, f"a full worker kept the client waiting {waited:.1f} s"
+    assert closed >= 1, "the worker made room by closing silent connections"
+
+
+def seconds_to_be_answered(service: Service, timeout: float = 30) -> float:
+    """How long a client that sends a chat request waits for its (successful) answer."""
+    started = time.monotonic()
+    try:
+        response = service.chat(timeout=timeout)
+    except requests.Timeout:
+        pytest.fail(f"a client that sent its request got no answer in {timeout:g} s")
+    assert response.status_code == 200, response.text
+    return time.monotonic() - started
+
+
+def _closed_cleanly(connection: socket.socket) -> bool:
+    """True if the worker closed this connection with a FIN (end of file), False if it is open."""
+    connection.setblocking(False)
+    try:
+        return connection.recv(1) == b""
+    except BlockingIOError:
+        return False
 
 
 # -- a request on a kept-alive connection at the instant the worker drains
