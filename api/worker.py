@@ -13,6 +13,11 @@ supervisor/) it follows the contract in api.protocol:
   one client at a time: after accepting a connection it accepts no other until that client's
   request is answered, so parallel clients spread over the workers and, with restart-per-request,
   none of them meets a used model;
+- it serves clients in turn: a connection that sends no request within FRESH_CONNECTION_GRACE stops
+  holding it, and while such silent ones stay open new connections hold nothing (a slowloris delays
+  no one by more than one grace); a response closes its kept-alive connection when another client
+  waits in the listen queue; and it closes idle connections without ever resetting a request that
+  arrives at that instant (WorkerChannel.close_if_idle);
 - before it runs a model it takes one of the WORKERS inference slots that all workers share
   (api.inference_slots), so spares that took a client wait instead of oversubscribing the cores;
 - it reports itself in its sentinel file (state, requests served, token heartbeat);
@@ -34,6 +39,7 @@ import io
 import itertools
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -76,6 +82,12 @@ PROGRESS_WRITE_INTERVAL = 0.5
 FRESH_CONNECTION_GRACE = 1.0
 """How long a client that connected may take to send its request: meanwhile the worker holds off
 other clients (and a draining worker waits for it). A silent connection stops holding it after this."""
+SILENT_CONNECTION_TIMEOUT = 10.0
+"""A connection that has sent no request this long after connecting is closed. A client sends its
+request at once; left to waitress, a slowloris's connections would stay for its channel_timeout (120 s)."""
+LINGER_SECONDS = 1.0
+"""After the worker shuts its side of an idle connection, how long it goes on reading (and dropping)
+what the client had already sent: closing a socket with unread data would reset the connection."""
 EXIT_CHECK_INTERVAL = 0.05
 SERVER_IDENT = "gpt4all-api"
 
@@ -163,7 +175,8 @@ class WorkerLifecycle:
         self._longest_gap = 0.0
         self._last_progress_write = 0.0
         self._bare_inferences = 0  # inferences outside a waitress task: each counts as a request
-        self._clients: set[int] = set()  # public connections being served: accepted, or with a request running
+        self._clients: set[int] = set()  # public connections holding the worker: just accepted, or with a request running
+        self._silent: set[int] = set()  # open public connections that sent no request within FRESH_CONNECTION_GRACE
         self.set_accepting: Callable[[bool], None] = lambda _accepting: None
 
     # -- reporting
@@ -199,20 +212,44 @@ class WorkerLifecycle:
 
     # -- one client at a time (called by WorkerChannel and WorkerTask for the public socket)
 
-    def client_engaged(self, key: int) -> None:
-        """A connection was accepted, or a request arrived on one: take no other client until it is
-        answered. Without this a worker accepts more connections in the moment between accepting
-        one and its request reaching the model, and serves them itself while another worker idles."""
+    def client_connected(self, key: int) -> None:
+        """A connection was accepted: take no other client until its request is answered (or it
+        goes silent). Without this a worker accepts more connections in the moment between
+        accepting one and its request reaching the model, and serves them itself while another
+        worker idles. But while connections that went silent are open (a slowloris), a new one
+        holds nothing: each would otherwise hold the worker for its grace, one after another, and
+        a client queued behind twenty of them would wait twenty graces."""
         with self._lock:
+            if not self._silent:
+                self._clients.add(key)
+                self.set_accepting(False)
+
+    def client_engaged(self, key: int) -> None:
+        """A request arrived on a connection: take no other client until it is answered."""
+        with self._lock:
+            self._silent.discard(key)
             self._clients.add(key)
             self.set_accepting(False)
 
     def client_released(self, key: int) -> None:
-        """Its request was answered, it closed, or it sent nothing in time: other clients may come."""
+        """Its request was answered: other clients may come."""
         with self._lock:
             if key in self._clients:
                 self._clients.discard(key)
                 self._accept_if_free()
+
+    def client_went_silent(self, key: int) -> None:
+        """It sent no request within FRESH_CONNECTION_GRACE of connecting: it no longer holds the
+        worker, and while it stays open new connections do not either."""
+        with self._lock:
+            if key not in self._silent:
+                self._silent.add(key)
+                self.client_released(key)
+
+    def client_closed(self, key: int) -> None:
+        with self._lock:
+            self._silent.discard(key)
+            self.client_released(key)
 
     # -- boot
 
@@ -369,26 +406,39 @@ class WorkerTask(WSGITask):
 
     def build_response_header(self) -> bytes:
         # A WSGI app may not set Connection (hop-by-hop): ask waitress to close instead.
-        if self.channel.server.lifecycle.closes_connections():
+        if self._closes_after_response():
             self.set_close_on_finish()
         return super().build_response_header()
 
+    def _closes_after_response(self) -> bool:
+        """Close the connection after this response when the worker drains, or when a client waits
+        in the listen queue: this kept-alive client then reconnects behind it. Clients that keep
+        their connections (the openai package does) and take turns would otherwise keep the worker
+        from ever being free to accept a new one."""
+        server = self.channel.server
+        return server.lifecycle.closes_connections() or (server.one_client_at_a_time and readable_now(server.socket))
+
 
 class WorkerChannel(HTTPChannel):
-    """A client connection; on the public socket it holds the worker from accept to answer."""
+    """A client connection; on the public socket it holds the worker from accept to answer.
+
+    The worker closes connections that no request is using (when it drains, when silent ones
+    crowd it, when one stays silent too long) through close_if_idle, which never resets a request
+    that arrives at that instant: see there."""
 
     task_class = WorkerTask
     started_requests = 0
+    lingering_until = 0.0  # once its sending side is shut: when to stop reading and close
 
     def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None) -> None:
         super().__init__(server, sock, addr, adj, map)
         self.client_key = next(_client_keys)  # not id(): a closed channel's id can come back
         if server.one_client_at_a_time:
-            server.lifecycle.client_engaged(self.client_key)
+            server.lifecycle.client_connected(self.client_key)
 
     def handle_close(self) -> None:
         if self.server.one_client_at_a_time:
-            self.server.lifecycle.client_released(self.client_key)
+            self.server.lifecycle.client_closed(self.client_key)
         super().handle_close()
 
     def awaiting_first_request(self, now: float) -> bool:
@@ -396,8 +446,80 @@ class WorkerChannel(HTTPChannel):
         return not self.started_requests and now - self.creation_time < FRESH_CONNECTION_GRACE
 
     def missed_first_request(self, now: float) -> bool:
-        """Connected FRESH_CONNECTION_GRACE ago or longer and still no request."""
-        return not self.started_requests and now - self.creation_time >= FRESH_CONNECTION_GRACE
+        """Connected FRESH_CONNECTION_GRACE ago or longer, still no request, and not being closed."""
+        return not self.started_requests and not self.lingering_until and now - self.creation_time >= FRESH_CONNECTION_GRACE
+
+    def silent_too_long(self, now: float) -> bool:
+        return not self.started_requests and now - self.creation_time >= SILENT_CONNECTION_TIMEOUT
+
+    def closable(self, now: float) -> bool:
+        """No request is being answered or waits to be, nothing is left to send, none is arriving."""
+        if self.lingering_until or self.requests or self.total_outbufs_len or self.will_close or self.close_when_flushed:
+            return False
+        return not self._request_arriving(now)
+
+    def _request_arriving(self, now: float) -> bool:
+        """Part of a request has come and more is coming. Not so if nothing came for
+        FRESH_CONNECTION_GRACE, nor for a head still unfinished SILENT_CONNECTION_TIMEOUT after
+        connecting: a slowloris trickles one in forever."""
+        if self.request is None or now - self.last_activity >= FRESH_CONNECTION_GRACE:
+            return False
+        return bool(self.request.headers_finished) or not self.silent_too_long(now)
+
+    # -- closing without a reset (loop thread only)
+
+    def close_if_idle(self) -> None:
+        """Close this connection unless a request is using it or has just arrived in its socket
+        (that one is read and answered; a draining worker's answer says `Connection: close`).
+        The worker shuts its sending side first, which the client reads as end of file: a client
+        that sent a request at this very instant learns it was not processed. What was already on
+        its way is read and dropped until the client closes too or LINGER_SECONDS pass, because
+        closing a socket with unread data sends a reset instead of that clean end of file."""
+        now = time.time()
+        if not self.closable(now) or readable_now(self.socket):
+            return
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:  # the connection is already broken: nothing to protect
+            self.will_close = True
+            return
+        self.lingering_until = now + LINGER_SECONDS
+        if self.server.one_client_at_a_time:
+            self.server.lifecycle.client_closed(self.client_key)
+
+    def readable(self) -> bool:
+        return bool(self.lingering_until) or super().readable()
+
+    def writable(self) -> bool:
+        if self.lingering_until:
+            return time.time() >= self.lingering_until  # then handle_write closes it
+        return bool(super().writable())
+
+    def handle_write(self) -> None:
+        if self.lingering_until:
+            self.handle_close()
+        else:
+            super().handle_write()
+
+    def received(self, data: bytes) -> bool:
+        if self.lingering_until:
+            return False  # dropped: the client has been told the connection ends (its end of file closes it)
+        return bool(super().received(data))
+
+
+def readable_now(sock: socket.socket | None) -> bool:
+    """True if `sock` has something to read at once: data or a connection's end, or, on a listening
+    socket (which every worker shares), a client waiting to be accepted."""
+    if sock is None:
+        return False
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):  # closed meanwhile
+        return False
 
 
 def inherit_listening_socket(args: argparse.Namespace) -> socket.socket:
@@ -521,34 +643,40 @@ class SupervisedWorker:
             lifecycle.changed.wait(EXIT_CHECK_INTERVAL)
             lifecycle.changed.clear()
             lifecycle.check_overtime()
-            self._release_silent_clients()
+            self._review_connections()
             code = lifecycle.exit_code
             if code == EXIT_MODEL_LOAD_FAILED:
                 self._exit(code)
-            if code is not None and lifecycle.idle() and self._connections_done():
+            if code is not None and lifecycle.idle() and not self.public_server.active_channels:
                 log.info("worker %d exits: %s", lifecycle.worker_id, lifecycle.reason)
                 self._exit(code)
 
-    def _release_silent_clients(self) -> None:
+    def _review_connections(self) -> None:
         """A connection that has sent no request within FRESH_CONNECTION_GRACE no longer holds the
-        worker: an idle or stray connection must not keep every other client waiting."""
+        worker: an idle or stray connection must not keep every other client waiting. Connections
+        to close are handed to the loop thread, which closes those still idle."""
         now = time.time()
-        for channel in list(self.public_server.active_channels.values()):
+        channels = list(self.public_server.active_channels.values())
+        for channel in channels:
             if channel.missed_first_request(now):
-                self.lifecycle.client_released(channel.client_key)
+                self.lifecycle.client_went_silent(channel.client_key)
+        to_close = self._connections_to_close(channels, now)
+        if to_close:
+            self.public_server.trigger.pull_trigger(lambda: [channel.close_if_idle() for channel in to_close])
 
-    def _connections_done(self) -> bool:
-        """True once no client connection is open on the public socket. Idle keep-alive
-        connections are closed; a client that just connected gets a moment to send its request."""
-        now = time.time()
-        done = True
-        for channel in list(self.public_server.active_channels.values()):
-            done = False
-            busy = channel.requests or channel.request is not None or channel.total_outbufs_len or channel.close_when_flushed
-            if not busy and not channel.awaiting_first_request(now) and not channel.will_close:
-                channel.will_close = True  # the loop thread closes it
-                self.public_server.pull_trigger()
-        return done
+    def _connections_to_close(self, channels: list[WorkerChannel], now: float) -> list[WorkerChannel]:
+        idle = [channel for channel in channels if channel.closable(now)]
+        if self.lifecycle.exit_code is not None:
+            # Draining: it exits once every connection is closed; one that just connected gets its grace.
+            return [channel for channel in idle if not channel.awaiting_first_request(now)]
+        to_close = [channel for channel in idle if channel.silent_too_long(now)]
+        if self.public_server.in_connection_overflow and readable_now(self.public_server.socket):
+            # At waitress's connection limit with a client waiting to be accepted: the silent
+            # connections have had their chance; failing those, the longest-idle kept-alive one goes.
+            silent = [channel for channel in idle if channel.missed_first_request(now)]
+            kept_alive = [channel for channel in idle if not channel.awaiting_first_request(now)]
+            to_close += silent or sorted(kept_alive, key=lambda channel: channel.last_activity)[:1]
+        return to_close
 
     @staticmethod
     def _exit(code: int) -> None:

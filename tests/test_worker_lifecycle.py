@@ -139,7 +139,7 @@ def test_without_a_restart_limit_busy_returns_to_ready() -> None:
 
 def test_a_worker_takes_one_client_at_a_time() -> None:
     lifecycle, clock, recorder = make(restart_after=0)
-    lifecycle.client_engaged(1)  # accepted: no second connection until this one is answered
+    lifecycle.client_connected(1)  # accepted: no second connection until this one is answered
     assert recorder.accepting[-1] is False and recorder.last.state is WorkerState.READY
     lifecycle.client_engaged(2)  # a request on a kept-alive connection accepted earlier
     serve(lifecycle, clock)
@@ -154,18 +154,53 @@ def test_a_worker_takes_one_client_at_a_time() -> None:
 
 def test_a_released_client_does_not_reopen_a_busy_or_draining_worker() -> None:
     lifecycle, _clock, recorder = make(restart_after=1)
-    lifecycle.client_engaged(1)
+    lifecycle.client_connected(1)
     current = task()
     worker._current.task = current
     lifecycle.inference_started()
     worker._current.task = None
-    lifecycle.client_engaged(2)
-    lifecycle.client_released(2)  # a silent second connection let go while the first generates
+    lifecycle.client_connected(2)
+    lifecycle.client_went_silent(2)  # a silent second connection let go while the first generates
     assert recorder.accepting[-1] is False and recorder.last.state is WorkerState.DRAINING
     lifecycle.inference_finished()
     lifecycle.request_finished(current)  # type: ignore[arg-type]
     lifecycle.client_released(1)
     assert recorder.accepting[-1] is False, "DRAINING never accepts again"
+
+
+def test_while_silent_connections_stay_open_new_ones_do_not_hold_the_worker() -> None:
+    """A slowloris: each silent connection would otherwise hold the worker for its grace, one
+    after another, and the client queued behind them would wait for all of them."""
+    lifecycle, _clock, recorder = make(restart_after=0)
+    lifecycle.client_connected(1)
+    assert recorder.accepting[-1] is False, "a fresh connection holds the worker for its grace"
+    lifecycle.client_went_silent(1)
+    assert recorder.accepting[-1] is True
+    flips = len(recorder.accepting)
+    for key in range(2, 22):  # the rest of the slowloris, accepted at once
+        lifecycle.client_connected(key)
+        lifecycle.client_went_silent(key)
+    assert len(recorder.accepting) == flips, "none of them held the worker"
+    lifecycle.client_connected(22)  # a real client among them
+    lifecycle.client_engaged(22)  # its request arrives
+    assert recorder.accepting[-1] is False, "a request holds the worker until it is answered"
+    lifecycle.client_released(22)
+    assert recorder.accepting[-1] is True
+    for key in range(1, 22):
+        lifecycle.client_closed(key)
+    lifecycle.client_connected(23)
+    assert recorder.accepting[-1] is False, "once the silent ones are gone, a fresh connection holds the worker again"
+
+
+def test_a_silent_connection_that_sends_a_request_at_last_is_served_as_any_other() -> None:
+    lifecycle, _clock, recorder = make(restart_after=0)
+    lifecycle.client_connected(1)
+    lifecycle.client_went_silent(1)
+    lifecycle.client_engaged(1)
+    assert recorder.accepting[-1] is False
+    lifecycle.client_released(1)
+    lifecycle.client_connected(2)
+    assert recorder.accepting[-1] is False, "no silent connection is left: holds are back"
 
 
 def test_busy_returns_to_ready_when_the_model_thread_finishes_after_the_response() -> None:
