@@ -132,13 +132,14 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
 
 
 def error_param(response: Any) -> str | None:
-    """The field a 400 names: OpenAI's error object says it in `param`; Anthropic's, which has no
-    such member, in the message, which starts with the field's name in quotes like all of ours."""
-    body = response.get_json()
-    if body.get("type") == "error":
-        match = re.match(r"'([^']+)'", body["error"]["message"])
-        return match.group(1) if match else None
-    return body["error"]["param"]
+    """The field a 400 names: OpenAI's error object says it in `param`; shapes without such a member
+    (Anthropic's error object, a bare error message) in the message, which starts with the field's
+    name in quotes like all of ours."""
+    error = response.get_json()["error"]
+    if isinstance(error, dict) and "param" in error:
+        return error["param"]
+    match = re.match(r"'([^']+)'", error["message"] if isinstance(error, dict) else error)
+    return match.group(1) if match else None
 
 
 def body_operations(document: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
