@@ -2,8 +2,9 @@
 
 Interfaces: /health; the original POST {ROUTE}; OpenAI /v1 (with the FastAPI GPT4All servers'
 extras); the Flask /v0 server; the generic LLM API (/generate, /agenerate, /embeddings, /check);
-/openapi.json and /docs. Every route needs API_KEY when it is set, except the health checks
-(/health, /v1/health, /check) and, with DOCS_PUBLIC=true, the documentation.
+OpenAI's /v1/responses; Anthropic's /v1/messages; /openapi.json and /docs. Every route needs API_KEY
+when it is set, except the health checks (/health, /v1/health, /check) and, with DOCS_PUBLIC=true,
+the documentation.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _http_error(error: HTTPException) -> ApiError:
 
 def create_app(settings: Settings, runtime: Runtime) -> Flask:
     from api.openapi import create_blueprint as docs_blueprint
-    from api.wire import gpt4all_api, health, llm_api, openai, v0
+    from api.wire import anthropic, gpt4all_api, health, llm_api, openai, responses, v0
 
     app = Flask("api")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -56,6 +57,12 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
     app.extensions["runtime"] = runtime
     app.extensions["downloader"] = ModelDownloader(settings)
     policy = AccessPolicy.from_settings(settings)
+    # Interfaces with an error shape of their own, by the paths they own; every other path gets OpenAI's.
+    error_shapes = ((anthropic.owns, anthropic.error_response),)
+
+    def render_error(error: ApiError) -> Response:
+        render = next((render for owns, render in error_shapes if owns(request.path)), error_response)
+        return render(error)
 
     @app.before_request
     def check_access() -> None:
@@ -69,20 +76,22 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
 
     @app.errorhandler(ApiError)
     def handle_api_error(error: ApiError) -> Response:
-        return error_response(error)
+        return render_error(error)
 
     @app.errorhandler(HTTPException)
     def handle_http_error(error: HTTPException) -> Response:
-        return error_response(_http_error(error))
+        return render_error(_http_error(error))
 
     @app.errorhandler(Exception)
     def handle_unexpected(error: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(EngineFailure("internal error; see the server log"))
+        return render_error(EngineFailure("internal error; see the server log"))
 
     app.register_blueprint(health.blueprint)
     app.register_blueprint(gpt4all_api.create_blueprint(settings.route))
     app.register_blueprint(openai.blueprint, url_prefix="/v1")
+    app.register_blueprint(responses.blueprint, url_prefix="/v1")
+    app.register_blueprint(anthropic.blueprint, url_prefix="/v1")
     app.register_blueprint(v0.blueprint, url_prefix="/v0")
     app.register_blueprint(llm_api.blueprint)
     app.register_blueprint(docs_blueprint())

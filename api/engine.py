@@ -105,15 +105,18 @@ class ChatModel:
         *,
         cancel: threading.Event | None = None,
         progress: Callable[[], None] | None = None,
+        prompt_read: Callable[[int], None] | None = None,
     ) -> EngineRun:
         """Run one generation on a reserved model (see `acquire`), feeding text to `sink`.
 
         `cancel`, once set, stops the generation at the next prompt or generated token; `progress`
         is called for each of them (the heartbeat that tells a slow generation from a hung one).
+        `prompt_read` gets the prompt's token count when the first token is generated.
         Raises PromptTooLong, or EngineError for any other error the bindings report.
         """
         cancel = cancel or threading.Event()
         progress = progress or (lambda: None)
+        prompt_read = prompt_read or (lambda _tokens: None)
         prompt_tokens = 0
         completion_tokens = 0
         reported: list[str] = []
@@ -139,7 +142,9 @@ class ChatModel:
             nonlocal completion_tokens, first_token_at
             if token_id != _ERROR_TOKEN:
                 completion_tokens += 1
-                first_token_at = first_token_at or time.perf_counter()
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                    prompt_read(prompt_tokens)
                 return decode(token_id, raw)
             return on_text(token_id, raw.decode("utf-8", errors="replace"))
 
@@ -161,6 +166,19 @@ class ChatModel:
             prompt_seconds=(first_token_at or finished) - started,
             total_seconds=finished - started,
         )
+
+    def count_tokens(self, prompt: str, *, cancel: threading.Event | None = None,
+                     progress: Callable[[], None] | None = None) -> int:
+        """How many tokens `prompt` is as this model reads it, on a reserved model (see `acquire`).
+
+        gpt4all 2.8.2 has no tokenizer call: its C API offers llmodel_prompt and nothing that only
+        tokenizes. So the prompt is evaluated as a generation's would be, with nothing generated
+        after it (n_predict 0, and a sink that refuses any token all the same), and counted from the
+        prompt callback: it costs a generation's prompt time and gives exactly the count that a
+        generation of the same prompt reports.
+        """
+        nothing = SamplingParams(max_tokens=0, temperature=0)
+        return self.generate(prompt, nothing, lambda _text: False, cancel=cancel, progress=progress).prompt_tokens
 
     def _set_sampling(self, sampling: SamplingParams) -> None:
         assert sampling.max_tokens is not None, "the service resolves the default before the engine runs"

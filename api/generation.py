@@ -91,6 +91,8 @@ class Outcome:
     finish_reason: FinishReason
     prompt_seconds: float
     total_seconds: float
+    stop_sequence: str | None = None
+    """The stop string that ended the reply, if one did (finish_reason is then "stop")."""
 
     @property
     def total_tokens(self) -> int:
@@ -113,17 +115,20 @@ class StopFilter:
         self.stops = tuple(stop for stop in stops if stop)
         self.held = ""
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string found, once `stopped` (the first of them where several start at one place)."""
 
     def feed(self, text: str) -> str:
         """Return the text that is safe to send now."""
         if not self.stops:
             return text
         buffer = self.held + text
-        hits = [index for index in (buffer.find(stop) for stop in self.stops) if index >= 0]
+        hits = [(index, stop) for stop in self.stops if (index := buffer.find(stop)) >= 0]
         if hits:
+            cut, self.matched = min(hits, key=lambda hit: hit[0])
             self.stopped = True
             self.held = ""
-            return buffer[: min(hits)]
+            return buffer[:cut]
         keep = self._longest_partial_stop(buffer)
         self.held = buffer[len(buffer) - keep:] if keep else ""
         return buffer[: len(buffer) - keep]
@@ -155,6 +160,7 @@ class Generation:
         self.created = int(time.time())
         self.model_name = model.name
         self.outcome: Outcome | None = None
+        self._prompt_tokens: int | None = None
         self._model = model
         self._prompt = prompt
         self._request = request
@@ -209,6 +215,14 @@ class Generation:
     def close(self) -> None:
         self._cancel.set()
 
+    @property
+    def prompt_tokens(self) -> int | None:
+        """The prompt's token count, known once the first piece of text (or the end) has arrived:
+        after `GenerationService.start()` returned, for a stream's opening event."""
+        if self.outcome is not None:
+            return self.outcome.prompt_tokens
+        return self._prompt_tokens
+
     # -- the model's thread
 
     def _run(self) -> None:
@@ -216,6 +230,7 @@ class Generation:
             run = self._model.generate(
                 self._prompt, self._request.sampling, self._on_text,
                 cancel=self._cancel, progress=self._observer.progress,
+                prompt_read=lambda tokens: self._events.put(("prompt", tokens)),
             )
             self._events.put(("end", run))
         except PromptTooLong as error:
@@ -238,7 +253,10 @@ class Generation:
     def _read_pieces(self) -> Iterator[str]:
         while True:
             kind, value = self._next_event()
-            if kind == "text":
+            if kind == "prompt":
+                assert isinstance(value, int)
+                self._prompt_tokens = value
+            elif kind == "text":
                 if self._stop_filter.stopped:
                     continue  # tokens already in flight when the stop string matched
                 piece = self._stop_filter.feed(str(value))
@@ -287,6 +305,7 @@ class Generation:
             finish_reason="length" if hit_length else "stop",
             prompt_seconds=run.prompt_seconds,
             total_seconds=run.total_seconds,
+            stop_sequence=self._stop_filter.matched,
         )
 
 
@@ -396,6 +415,29 @@ class GenerationService:
         if any(not text for text in texts):
             raise InvalidRequest(f"'{field}' must not contain empty strings", param=field)
         return Embedding(model, texts, self.limits, self.observer, self.slots).run()
+
+    def count_tokens(self, request: GenerationRequest) -> int:
+        """How many tokens the request's prompt is for its model: the `prompt_tokens` a generation
+        of it would report. The engine evaluates the prompt to count it (see ChatEngine.count_tokens),
+        so the worker counts this like a generation."""
+        model = self.models.chat_model(request.model)
+        prompt = self.render_prompt(model, request)
+        if not model.acquire(timeout=self.limits.request_timeout):
+            raise ServiceUnavailable("the model is busy with another request; try again", retry_after=2)
+        release_slot = self.slots.acquire()
+        try:
+            self.observer.inference_started()
+            try:
+                return model.count_tokens(prompt, progress=self.observer.progress)
+            except PromptTooLong as error:
+                raise ContextLengthExceeded(str(error), param=request.prompt_param) from None
+            except EngineError as error:
+                raise EngineFailure(str(error)) from None
+            finally:
+                self.observer.inference_finished()
+        finally:
+            release_slot()
+            model.release()
 
     def start(self, request: GenerationRequest) -> Generation:
         """Validate, render and start; errors that need no model run are raised here."""

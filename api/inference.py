@@ -64,8 +64,16 @@ class ChatEngine(Protocol):
     def release(self) -> None: ...
 
     def generate(self, prompt: str, sampling: SamplingParams, sink: TokenSink, *,
-                 cancel: threading.Event | None = None, progress: Callable[[], None] | None = None) -> EngineRun:
-        """Generate on a reserved model. Raises PromptTooLong, or EngineError for anything else."""
+                 cancel: threading.Event | None = None, progress: Callable[[], None] | None = None,
+                 prompt_read: Callable[[int], None] | None = None) -> EngineRun:
+        """Generate on a reserved model. `prompt_read` gets the prompt's token count once it has been
+        read, before the first generated token. Raises PromptTooLong, or EngineError for anything else."""
+        ...
+
+    def count_tokens(self, prompt: str, *, cancel: threading.Event | None = None,
+                     progress: Callable[[], None] | None = None) -> int:
+        """The number of tokens `prompt` is for this model, on a reserved model; nothing is generated.
+        Raises PromptTooLong when it does not fit in the context window, EngineError otherwise."""
         ...
 
 

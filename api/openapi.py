@@ -221,8 +221,10 @@ def build_document(app: Flask, settings: Settings) -> dict[str, Any]:
                 "A local LLM API on gpt4all. It speaks the original `POST " + settings.route + " {prompt, persona}` route, the "
                 "OpenAI API under /v1, and the interfaces of the earlier GPT4All API servers: the Flask /v0 server, "
                 "GPT4All's FastAPI /v1 extras, GPT4ALL-Python-API and the generic LLM API (/generate, /agenerate, "
-                "/embeddings, /check). Errors are always `{\"error\": {message, type, param, code}}` with a 4xx/5xx "
-                "status. A JSON null counts as an absent field."),
+                "/embeddings, /check), OpenAI's Responses API (/v1/responses, stateless) and Anthropic's Messages API "
+                "(/v1/messages). Errors are `{\"error\": {message, type, param, code}}` with a 4xx/5xx status, except "
+                "under /v1/messages: Anthropic's `{\"type\": \"error\", \"error\": {type, message}}`. A JSON null counts "
+                "as an absent field."),
         },
         "tags": [{"name": name} for name in TAG_ORDER],
         "paths": paths,

@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import openai
 import pytest
 import requests
@@ -75,6 +76,29 @@ def test_openai_client_stream_knows_the_capital_of_france(client: openai.OpenAI)
         messages=[{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": QUESTION}])
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert "Paris" in text
+
+
+def test_openai_responses_know_the_capital_of_france(client: openai.OpenAI) -> None:
+    response = client.responses.create(model=Path(CHAT_MODEL_NAME).stem, temperature=0, max_output_tokens=40,
+                                       instructions="You are a helpful assistant.", input=QUESTION)
+    assert "Paris" in response.output_text and response.status == "completed"
+    stream = client.responses.create(model=Path(CHAT_MODEL_NAME).stem, temperature=0, max_output_tokens=40, stream=True,
+                                     instructions="You are a helpful assistant.", input=QUESTION)
+    assert "Paris" in "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+
+
+def test_anthropic_messages_know_the_capital_of_france(bundled_worker: ServerProcess) -> None:
+    client = anthropic.Anthropic(base_url=bundled_worker.url, api_key="unused", max_retries=0)
+    arguments = {"model": Path(CHAT_MODEL_NAME).stem, "max_tokens": 40, "system": "You are a helpful assistant.",
+                 "messages": [{"role": "user", "content": QUESTION}], "extra_body": {"temperature": 0}}
+    message = client.messages.create(**arguments)  # type: ignore[call-overload]
+    assert message.content[0].type == "text" and "Paris" in message.content[0].text
+    assert message.stop_reason == "end_turn"
+    with client.messages.stream(**arguments) as stream:  # type: ignore[arg-type]
+        assert "Paris" in "".join(stream.text_stream)
+    counted = client.messages.count_tokens(model=arguments["model"], system=arguments["system"],  # type: ignore[arg-type]
+                                           messages=arguments["messages"])  # type: ignore[arg-type]
+    assert counted.input_tokens == message.usage.input_tokens
 
 
 def cosine(a: list[float], b: list[float]) -> float:

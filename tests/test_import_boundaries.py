@@ -69,8 +69,8 @@ def test_the_worker_side_never_imports_the_supervisor() -> None:
 
 
 @pytest.mark.parametrize(("modules", "absent"), [
-    (["api.app", "api.worker", "api.wire.openai", "api.wire.v0", "api.wire.llm_api", "api.wire.gpt4all_api"],
-     ["gpt4all"]),
+    (["api.app", "api.worker", "api.wire.openai", "api.wire.v0", "api.wire.llm_api", "api.wire.gpt4all_api",
+      "api.wire.responses", "api.wire.anthropic"], ["gpt4all"]),
     (["supervisor.main"], ["gpt4all", "flask", "waitress"]),
 ], ids=["worker-side", "supervisor"])
 def test_importing_loads_no_heavier_layer(modules: list[str], absent: list[str]) -> None:

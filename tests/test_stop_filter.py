@@ -48,3 +48,13 @@ def test_earliest_of_several_stops_wins() -> None:
 
 def test_empty_stop_strings_are_ignored() -> None:
     assert run([""], ["abc"]) == ("abc", False)
+
+
+def test_the_stop_string_met_is_reported() -> None:
+    split = StopFilter(["xyz", "END"])
+    assert split.feed("abE") == "ab" and split.matched is None  # held back: it may begin "END"
+    assert split.feed("ND") == "" and split.stopped and split.matched == "END"
+    earliest = StopFilter(["d", "bc"])
+    assert earliest.feed("abcd") == "a" and earliest.matched == "bc"
+    tie = StopFilter(["bcd", "bc"])
+    assert tie.feed("abcd") == "a" and tie.matched == "bcd", "the first listed of those that start at the cut"

@@ -53,6 +53,9 @@ TINY_CHAT_TEMPLATE: str = (
 )
 """ChatML, as SmolLM2-Instruct ships it minus its default system message."""
 
+TINY_RAW_TEMPLATE: str = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+"""A chat template that is just the messages' text: the reply then follows the last character."""
+
 TINY_CHAT_NAME = "tiny-chat"
 TINY_EMBEDDING_NAME = "tiny-embedding"
 TINY_EMBEDDING_DIM = 32
@@ -101,11 +104,14 @@ def _feature(token_id: int) -> int:
     return 36
 
 
-def build_tiny_chat_model(path: Path, *, context_length: int = 512, pre_tokenizer: str = "default") -> Path:
+def build_tiny_chat_model(path: Path, *, context_length: int = 512, pre_tokenizer: str = "default",
+                          chat_template: str = TINY_CHAT_TEMPLATE) -> Path:
     """Write the tiny llama chat model to `path` (a file name ending in .gguf) and return the path.
 
     pre_tokenizer: `tokenizer.ggml.pre`; a name gpt4all's llama.cpp does not know makes a model that
     fails to load (useful to test error paths).
+    chat_template: the template in its metadata; TINY_RAW_TEMPLATE makes a model whose chat prompt is
+    the messages' text alone, so a conversation ending in "0" counts digits forever (endless streams).
     """
     path = Path(path)
     b2u = bytes_to_unicode()
@@ -145,7 +151,7 @@ def build_tiny_chat_model(path: Path, *, context_length: int = 512, pre_tokenize
     w.add_pad_token_id(IM_END_ID)
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
-    w.add_chat_template(TINY_CHAT_TEMPLATE)
+    w.add_chat_template(chat_template)
 
     w.add_tensor("token_embd.weight", embd)
     w.add_tensor("output_norm.weight", np.ones(_CHAT_WIDTH, dtype=np.float32))

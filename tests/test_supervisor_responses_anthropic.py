@@ -1,0 +1,55 @@
+"""Under the real supervisor, the Responses and Anthropic Messages routes are served like every
+other route that touches the model: a fresh worker for each request (RESTART_AFTER_REQUESTS=1),
+streamed or not, token counting included (it runs the model to count)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anthropic
+import openai
+
+from tests.servers import Service
+from tests.test_supervisor_e2e import start_service  # noqa: F401 - the fixture
+from tests.tiny_models import TINY_CHAT_REPLY
+
+HI = [{"role": "user", "content": "Hi"}]
+GREEDY = {"temperature": 0}
+
+
+def assert_fresh_workers(service: Service, pids: list[str]) -> None:
+    assert len(set(pids)) == len(pids), pids
+    service.wait_for(lambda: service.log().count("exited after serving 1 request(s)") >= len(pids), 10,
+                     f"{len(pids)} served exits")
+    assert "crash" not in service.log()
+
+
+def test_each_responses_request_meets_a_fresh_worker(start_service: Callable[..., Service]) -> None:  # noqa: F811
+    service = start_service()
+    responses = openai.OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0).responses
+    pids = []
+    for _ in range(2):
+        reply = responses.with_raw_response.create(model="tiny-chat", input="Hi", temperature=0)
+        assert reply.parse().output_text == TINY_CHAT_REPLY
+        streamed = responses.with_raw_response.create(model="tiny-chat", input="Hi", temperature=0, stream=True)
+        events = streamed.parse()
+        assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == TINY_CHAT_REPLY
+        pids += [reply.headers["X-Worker-Pid"], streamed.headers["X-Worker-Pid"]]
+    assert_fresh_workers(service, pids)
+
+
+def test_each_anthropic_request_meets_a_fresh_worker(start_service: Callable[..., Service]) -> None:  # noqa: F811
+    service = start_service()
+    messages = anthropic.Anthropic(base_url=service.url, api_key="unused", max_retries=0).messages
+    pids = []
+    for _ in range(2):
+        message = messages.with_raw_response.create(model="tiny-chat", max_tokens=50, messages=HI, extra_body=GREEDY)
+        assert [block.text for block in message.parse().content if block.type == "text"] == [TINY_CHAT_REPLY]
+        streamed = messages.with_raw_response.create(model="tiny-chat", max_tokens=50, messages=HI, stream=True,
+                                                     extra_body=GREEDY)
+        assert "".join(event.delta.text for event in streamed.parse()
+                       if event.type == "content_block_delta" and event.delta.type == "text_delta") == TINY_CHAT_REPLY
+        counted = messages.with_raw_response.count_tokens(model="tiny-chat", messages=HI)  # type: ignore[arg-type]
+        assert counted.parse().input_tokens == 3 + len("user\nHi\nassistant\n")
+        pids += [message.headers["X-Worker-Pid"], streamed.headers["X-Worker-Pid"], counted.headers["X-Worker-Pid"]]
+    assert_fresh_workers(service, pids)
