@@ -2,8 +2,9 @@
 
 Interfaces: /health; the original POST {ROUTE}; OpenAI /v1 (with the FastAPI GPT4All servers'
 extras); the Flask /v0 server; the generic LLM API (/generate, /agenerate, /embeddings, /check);
-/openapi.json and /docs. Every route needs API_KEY when it is set, except the health checks
-(/health, /v1/health, /check) and, with DOCS_PUBLIC=true, the documentation.
+Ollama's API (/, /api/*); /openapi.json and /docs. Every route needs API_KEY when it is set, except
+the health checks (/health, /v1/health, /check, Ollama's / and /api/version) and, with
+DOCS_PUBLIC=true, the documentation.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from api.runtime import Runtime
 log = logging.getLogger("api.app")
 
 # Routes a supervisor or load balancer probes (the health checks of each interface): no API key needed.
-OPEN_PATHS = frozenset({"/health", "/v1/health", "/v1/health/", "/check"})
+OPEN_PATHS = frozenset({"/health", "/v1/health", "/v1/health/", "/check", "/", "/api/version"})
 WORKER_HEADER = "X-Worker-Pid"
 
 
@@ -40,7 +41,7 @@ def error_response(error: ApiError) -> Response:
     return response
 
 
-def _http_error(error: HTTPException) -> ApiError:
+def http_api_error(error: HTTPException) -> ApiError:
     if isinstance(error, RequestEntityTooLarge):
         return PayloadTooLarge("the request body is larger than MAX_REQUEST_BYTES")
     if error.code == 404:
@@ -55,7 +56,7 @@ def _http_error(error: HTTPException) -> ApiError:
 
 def create_app(settings: Settings, runtime: Runtime) -> Flask:
     from api.openapi import create_blueprint as docs_blueprint
-    from api.wire import gpt4all_api, health, llm_api, openai, v0
+    from api.wire import gpt4all_api, health, llm_api, ollama, openai, v0
 
     app = Flask("api")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -82,7 +83,7 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
 
     @app.errorhandler(HTTPException)
     def handle_http_error(error: HTTPException) -> Response:
-        return error_response(_http_error(error))
+        return error_response(http_api_error(error))
 
     @app.errorhandler(Exception)
     def handle_unexpected(error: Exception) -> Response:
@@ -94,5 +95,6 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
     app.register_blueprint(openai.blueprint, url_prefix="/v1")
     app.register_blueprint(v0.blueprint, url_prefix="/v0")
     app.register_blueprint(llm_api.blueprint)
+    app.register_blueprint(ollama.blueprint)
     app.register_blueprint(docs_blueprint())
     return app
