@@ -46,7 +46,8 @@ class Reply:
     model: Any = None
     media_type: str = "application/json"
     events: Any = None
-    """For text/event-stream: the schema of each event's JSON data (in `x-event-data`)."""
+    """For text/event-stream: the schema of each event's JSON data; for application/x-ndjson: of each line
+    (in `x-event-data`)."""
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -222,8 +223,9 @@ def build_document(app: Flask, settings: Settings) -> dict[str, Any]:
                 "A local LLM API on gpt4all. It speaks the original `POST " + settings.route + " {prompt, persona}` route, the "
                 "OpenAI API under /v1, and the interfaces of the earlier GPT4All API servers: the Flask /v0 server, "
                 "GPT4All's FastAPI /v1 extras, GPT4ALL-Python-API and the generic LLM API (/generate, /agenerate, "
-                "/embeddings, /check). Errors are always `{\"error\": {message, type, param, code}}` with a 4xx/5xx "
-                "status. A JSON null counts as an absent field."),
+                "/embeddings, /check), and Ollama's API (/, /api/*). Errors are `{\"error\": {message, type, param, "
+                "code}}` with a 4xx/5xx status (on Ollama's routes `{\"error\": \"...\"}`, as Ollama answers). A JSON null "
+                "counts as an absent field."),
         },
         "tags": [{"name": name} for name in TAG_ORDER],
         "paths": paths,

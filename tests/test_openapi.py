@@ -82,7 +82,9 @@ def test_every_route_and_method_is_documented(app: Flask, client: FlaskClient) -
     assert documented == served
     for path in ["/health", "/gpt4all_api", "/v1/chat/completions", "/v1/chat/completions/", "/v1/completions/",
                  "/v1/models/{model}", "/v1/engines/{engine_id}", "/v1/health/", "/v0/language-models/retrieve",
-                 "/v0/models", "/generate", "/agenerate", "/embeddings", "/check", "/openapi.json", "/docs"]:
+                 "/v0/models", "/generate", "/agenerate", "/embeddings", "/check", "/openapi.json", "/docs", "/",
+                 "/api/version", "/api/tags", "/api/show", "/api/ps", "/api/chat", "/api/generate", "/api/embed",
+                 "/api/embeddings"]:
         assert path in document["paths"], path
     ids = [operation["operationId"] for operations in document["paths"].values() for operation in operations.values()]
     assert len(ids) == len(set(ids))
@@ -123,7 +125,21 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
     "/generate": {"prompt": "Hi"},
     "/agenerate": {"prompt": "Hi"},
     "/embeddings": {"text": "Hi"},
+    "/api/chat": {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}]},
+    "/api/generate": {"model": "tiny-chat", "prompt": "Hi"},
+    "/api/show": {"model": "tiny-chat"},
+    "/api/embed": {"model": "tiny-embed", "input": "Hi"},
+    "/api/embeddings": {"model": "tiny-embed", "prompt": "Hi"},
 }
+
+
+def error_param(response: Any) -> str | None:
+    """The field a 400 names: OpenAI's error object carries it as `param`; Ollama's {"error": "'<field>' ..."} in its text."""
+    error = response.get_json()["error"]
+    if isinstance(error, dict):
+        return error["param"]
+    named = re.match(r"'([^']+)'", error)
+    return named.group(1) if named else None
 
 
 def body_operations(document: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -158,7 +174,7 @@ def test_documented_required_fields_are_required(client: FlaskClient) -> None:
         assert required, f"{path} documents no required field"
         response = client.post(path, json={"unrelated": 1})
         assert response.status_code == 400, (path, response.text)
-        assert response.get_json()["error"]["param"] == required[0], path
+        assert error_param(response) == required[0], path
 
 
 def test_documented_types_are_enforced_field_by_field(client: FlaskClient) -> None:
@@ -171,7 +187,7 @@ def test_documented_types_are_enforced_field_by_field(client: FlaskClient) -> No
             body = {**VALID_BODIES[path.rstrip("/")], name: {"not": "valid"}}
             response = client.post(path, json=body)
             assert response.status_code == 400, (path, name, response.text)
-            assert response.get_json()["error"]["param"] == name, (path, name, response.get_json())
+            assert error_param(response) == name, (path, name, response.get_json())
             checked += 1
     assert checked > 60
 
@@ -201,7 +217,7 @@ def test_documented_ranges_and_choices_are_enforced(client: FlaskClient) -> None
                 for value in out_of_range(option):
                     response = client.post(path, json={**VALID_BODIES[path.rstrip("/")], name: value})
                     assert response.status_code == 400, (path, name, value, response.text)
-                    assert response.get_json()["error"]["param"] == name
+                    assert error_param(response) == name
                     checked += 1
     assert checked > 40
 
@@ -216,7 +232,7 @@ def test_docs_need_the_key_by_default_when_one_is_set(tmp_path: Path) -> None:
     assert client.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     document = document_of(client, **{"X-Api-Key": KEY})
     assert document["security"] == [{"bearer": []}, {"apiKeyHeader": []}]
-    for path in ["/health", "/check", "/v1/health", "/v1/health/"]:
+    for path in ["/health", "/check", "/v1/health", "/v1/health/", "/", "/api/version"]:
         assert document["paths"][path]["get"]["security"] == []
         assert client.get(path).status_code in (200, 503), path  # open: no key needed
     assert "security" not in document["paths"]["/v0/language-models/retrieve"]["post"]
@@ -301,6 +317,23 @@ CASES = [
     _case("post", "/agenerate", {"prompt": "Hi", "params": {"temp": -1}}, 400),
     _case("post", "/embeddings", {"text": "Hi"}),
     _case("get", "/check"),
+    _case("get", "/"),
+    _case("get", "/api/version"),
+    _case("get", "/api/tags"),
+    _case("get", "/api/ps"),
+    _case("post", "/api/show", {"model": "tiny-chat", "verbose": True}),
+    _case("post", "/api/show", {"model": "nope"}, 404),
+    _case("post", "/api/chat", {"model": "tiny-chat", "messages": HI, "options": {"num_predict": 3}}),
+    _case("post", "/api/chat", {"model": "tiny-chat", "messages": HI, "stream": False}),
+    _case("post", "/api/chat", {"model": "tiny-chat", "messages": []}),
+    _case("post", "/api/chat", {"model": "tiny-chat", "messages": HI, "format": "json"}, 400),
+    _case("post", "/api/chat", {"model": "nope", "messages": HI}, 404),
+    _case("post", "/api/generate", {"model": "tiny-chat", "prompt": "Hi", "options": {"num_predict": 3}}),
+    _case("post", "/api/generate", {"model": "tiny-chat", "prompt": "Hi", "raw": True, "stream": False}),
+    _case("post", "/api/generate", {"model": "tiny-chat", "prompt": "x" * 600, "raw": True}, 400),
+    _case("post", "/api/embed", {"model": "tiny-embed", "input": ["a", "b"]}),
+    _case("post", "/api/embed", {"model": "tiny-chat", "input": "a"}, 400),
+    _case("post", "/api/embeddings", {"model": "tiny-embed", "prompt": "a"}),
     _case("get", "/openapi.json"),
     _case("get", "/docs"),
     _case("get", "/docs/"),
@@ -324,6 +357,11 @@ def check_response(document: dict[str, Any], case: dict[str, Any], response: req
     assert media is not None, f"{where}: {media_type} not documented (only {list(content)})"
     if media_type == "application/json":
         validate_json(document, media["schema"], response.json(), where)
+    elif media_type == "application/x-ndjson":
+        lines = response.text.splitlines()
+        assert lines, f"{where}: an empty stream"
+        for line in lines:
+            validate_json(document, media["x-event-data"], json.loads(line), where + " (line)")
     elif media_type == "text/event-stream":
         separator = "\r\n\r\n" if "\r\n" in response.text else "\n\n"
         events = [block for block in response.text.split(separator) if block]
@@ -360,7 +398,8 @@ def test_access_refusals_match_the_document_too(tmp_path: Path) -> None:
     client = make_app(tmp_path, API_KEY=KEY).test_client()
     document = document_of(client, **{"X-Api-Key": KEY})
     for method, path, template in [("post", "/v0/language-models/retrieve", None), ("post", "/generate", None),
-                                   ("get", "/v1/models/x", "/v1/models/{model}"), ("get", "/openapi.json", None)]:
+                                   ("get", "/v1/models/x", "/v1/models/{model}"), ("get", "/openapi.json", None),
+                                   ("post", "/api/chat", None), ("get", "/api/tags", None)]:
         response = getattr(client, method)(path, json={"model_name": "x"})
         assert response.status_code == 401
         schema = document["paths"][template or path][method]["responses"]["401"]["content"]["application/json"]["schema"]
