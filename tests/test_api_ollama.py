@@ -22,6 +22,8 @@ from langchain_ollama import ChatOllama, OllamaEmbeddings, OllamaLLM
 from api.wire.ollama import human_number
 from tests.conftest import TINY_CHAT, TINY_EMBED, tiny_settings
 from tests.servers import ServerProcess, Service, start_worker
+from tests.test_bundled_e2e import QUESTION, cosine
+from tests.test_bundled_e2e import bundled_worker as bundled_worker  # the fixture, shared
 from tests.test_supervisor_e2e import start_service as start_service  # the fixture, shared
 from tests.tiny_models import TINY_CHAT_REPLY, TINY_CHAT_TEMPLATE, TINY_EMBEDDING_DIM
 
@@ -576,3 +578,39 @@ def test_every_ollama_request_that_touches_a_model_meets_a_fresh_worker(start_se
         pids.append(response.headers["X-Worker-Pid"])
     assert len(set(pids)) == len(pids) == 6
     service.wait_for(lambda: service.log().count("exited after serving 1 request(s)") >= 6, 15, "6 served exits")
+
+
+# -- the bundled models, end to end
+
+
+@pytest.mark.bundled
+def test_the_bundled_models_as_ollama_lists_them(bundled_worker: ServerProcess) -> None:
+    details = {model.model: model.details for model in ollama.Client(host=bundled_worker.url).list().models}
+    chat_model, embedder = details["SmolLM2-135M-Instruct.Q4_1:latest"], details["all-MiniLM-L6-v2.f16:latest"]
+    assert chat_model is not None and (chat_model.family, chat_model.parameter_size, chat_model.quantization_level) == \
+        ("llama", "134.52M", "Q4_1")
+    assert embedder is not None and (embedder.family, embedder.quantization_level) == ("bert", "F16")
+    shown = ollama.Client(host=bundled_worker.url).show("SmolLM2-135M-Instruct.Q4_1")
+    assert shown.parameters is not None and "num_ctx                        2048" in shown.parameters
+    assert shown.template is not None and "<|im_start|>" in shown.template
+
+
+@pytest.mark.bundled
+def test_the_official_client_on_the_bundled_chat_model_knows_the_capital_of_france(bundled_worker: ServerProcess) -> None:
+    client = ollama.Client(host=bundled_worker.url)
+    messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": QUESTION}]
+    options = {"temperature": 0, "num_predict": 40}
+    reply = client.chat(model="SmolLM2-135M-Instruct.Q4_1", messages=messages, options=options)
+    assert "Paris" in (reply.message.content or "")
+    assert reply.done_reason == ("length" if reply.eval_count == 40 else "stop")
+    streamed = "".join(part.message.content or "" for part in
+                       client.chat(model="SmolLM2-135M-Instruct.Q4_1", messages=messages, options=options, stream=True))
+    assert streamed == reply.message.content
+
+
+@pytest.mark.bundled
+def test_the_official_client_on_the_bundled_embedding_model(bundled_worker: ServerProcess) -> None:
+    texts = ["The cat sits on the mat.", "A cat is sitting on the mat.", "Stock markets fell sharply today."]
+    cat, paraphrase, stocks = ollama.Client(host=bundled_worker.url).embed(model="all-MiniLM-L6-v2.f16", input=texts).embeddings
+    assert len(cat) == 384
+    assert cosine(list(cat), list(paraphrase)) > cosine(list(cat), list(stocks)) + 0.3
