@@ -19,7 +19,7 @@ from api.errors import Forbidden, Unauthorized
 log = logging.getLogger("api.access")
 
 # Routes a supervisor or load balancer probes (the health checks of each interface): no API key needed.
-OPEN_PATHS = frozenset({"/health", "/v1/health", "/v1/health/", "/check"})
+OPEN_PATHS = frozenset({"/health", "/v1/health", "/v1/health/", "/check", "/", "/api/version"})
 DOCS_PATH = "/docs"
 DOCUMENT_PATH = "/openapi.json"
 

@@ -2,9 +2,9 @@
 
 Interfaces: /health; the original POST {ROUTE}; OpenAI /v1 (with the FastAPI GPT4All servers'
 extras); the Flask /v0 server; the generic LLM API (/generate, /agenerate, /embeddings, /check);
-OpenAI's /v1/responses; Anthropic's /v1/messages; /openapi.json and /docs. Every route needs API_KEY
-when it is set, except the health checks (/health, /v1/health, /check) and, with DOCS_PUBLIC=true,
-the documentation.
+OpenAI's /v1/responses; Anthropic's /v1/messages; Ollama's API (/, /api/*); /openapi.json and /docs.
+Every route needs API_KEY when it is set, except the health checks (/health, /v1/health, /check,
+Ollama's / and /api/version) and, with DOCS_PUBLIC=true, the documentation.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from api.access import AccessPolicy
@@ -20,6 +20,7 @@ from api.config import Settings
 from api.errors import ApiError, EngineFailure, MethodNotAllowed, NotFound, PayloadTooLarge
 from api.model_download import ModelDownloader
 from api.runtime import Runtime
+from api.wire.common import error_reply
 
 log = logging.getLogger("api.app")
 
@@ -27,14 +28,11 @@ WORKER_HEADER = "X-Worker-Pid"
 
 
 def error_response(error: ApiError) -> Response:
-    response = jsonify(error.to_dict())
-    response.status_code = error.status
-    if error.retry_after is not None:
-        response.headers["Retry-After"] = str(error.retry_after)
-    return response
+    """An error in the OpenAI shape, which every interface without a shape of its own uses."""
+    return error_reply(error, error.to_dict())
 
 
-def _http_error(error: HTTPException) -> ApiError:
+def http_api_error(error: HTTPException) -> ApiError:
     if isinstance(error, RequestEntityTooLarge):
         return PayloadTooLarge("the request body is larger than MAX_REQUEST_BYTES")
     if error.code == 404:
@@ -49,7 +47,7 @@ def _http_error(error: HTTPException) -> ApiError:
 
 def create_app(settings: Settings, runtime: Runtime) -> Flask:
     from api.openapi import create_blueprint as docs_blueprint
-    from api.wire import anthropic, gpt4all_api, health, llm_api, openai, responses, v0
+    from api.wire import anthropic, gpt4all_api, health, llm_api, ollama, openai, responses, v0
 
     app = Flask("api")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -58,7 +56,7 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
     app.extensions["downloader"] = ModelDownloader(settings)
     policy = AccessPolicy.from_settings(settings)
     # Interfaces with an error shape of their own, by the paths they own; every other path gets OpenAI's.
-    error_shapes = ((anthropic.owns, anthropic.error_response),)
+    error_shapes = ((anthropic.owns, anthropic.error_response), (ollama.owns, ollama.error_response))
 
     def render_error(error: ApiError) -> Response:
         render = next((render for owns, render in error_shapes if owns(request.path)), error_response)
@@ -80,7 +78,7 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
 
     @app.errorhandler(HTTPException)
     def handle_http_error(error: HTTPException) -> Response:
-        return render_error(_http_error(error))
+        return render_error(http_api_error(error))
 
     @app.errorhandler(Exception)
     def handle_unexpected(error: Exception) -> Response:
@@ -94,5 +92,6 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
     app.register_blueprint(anthropic.blueprint, url_prefix="/v1")
     app.register_blueprint(v0.blueprint, url_prefix="/v0")
     app.register_blueprint(llm_api.blueprint)
+    app.register_blueprint(ollama.blueprint)
     app.register_blueprint(docs_blueprint())
     return app

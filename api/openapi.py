@@ -45,7 +45,8 @@ class Reply:
     model: Any = None
     media_type: str = "application/json"
     events: Any = None
-    """For text/event-stream: the schema of each event's JSON data (in `x-event-data`)."""
+    """For text/event-stream: the schema of each event's JSON data; for application/x-ndjson: of each line
+    (in `x-event-data`)."""
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -221,10 +222,10 @@ def build_document(app: Flask, settings: Settings) -> dict[str, Any]:
                 "A local LLM API on gpt4all. It speaks the original `POST " + settings.route + " {prompt, persona}` route, the "
                 "OpenAI API under /v1, and the interfaces of the earlier GPT4All API servers: the Flask /v0 server, "
                 "GPT4All's FastAPI /v1 extras, GPT4ALL-Python-API and the generic LLM API (/generate, /agenerate, "
-                "/embeddings, /check), OpenAI's Responses API (/v1/responses, stateless) and Anthropic's Messages API "
-                "(/v1/messages). Errors are `{\"error\": {message, type, param, code}}` with a 4xx/5xx status, except "
-                "under /v1/messages: Anthropic's `{\"type\": \"error\", \"error\": {type, message}}`. A JSON null counts "
-                "as an absent field."),
+                "/embeddings, /check), OpenAI's Responses API (/v1/responses, stateless), Anthropic's Messages API "
+                "(/v1/messages) and Ollama's API (/, /api/*). Errors are `{\"error\": {message, type, param, code}}` with a "
+                "4xx/5xx status, except under /v1/messages: Anthropic's `{\"type\": \"error\", \"error\": {type, message}}`, "
+                "and on Ollama's routes: `{\"error\": \"...\"}`, as Ollama answers. A JSON null counts as an absent field."),
         },
         "tags": [{"name": name} for name in TAG_ORDER],
         "paths": paths,

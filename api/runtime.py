@@ -62,6 +62,10 @@ class ModelHost:
     def available_ids(self) -> list[str]:
         return [model.id for model in self.installed()]
 
+    def loaded_files(self) -> list[str]:
+        """The model files this worker holds in memory: its chat models, then its embedding model."""
+        return [*self._chat, *([self.settings.embedding_model_name] if self._embedding is not None else [])]
+
     def _not_found(self, requested: str) -> ModelNotFound:
         available = ", ".join(self.available_ids()) or "none"
         return ModelNotFound(f"The model '{requested}' does not exist. Available models: {available}", param="model")

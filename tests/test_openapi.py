@@ -82,7 +82,9 @@ def test_every_route_and_method_is_documented(app: Flask, client: FlaskClient) -
     assert documented == served
     for path in ["/health", "/gpt4all_api", "/v1/chat/completions", "/v1/chat/completions/", "/v1/completions/",
                  "/v1/models/{model}", "/v1/engines/{engine_id}", "/v1/health/", "/v0/language-models/retrieve",
-                 "/v0/models", "/generate", "/agenerate", "/embeddings", "/check", "/openapi.json", "/docs"]:
+                 "/v0/models", "/generate", "/agenerate", "/embeddings", "/check", "/openapi.json", "/docs", "/",
+                 "/api/version", "/api/tags", "/api/show", "/api/ps", "/api/chat", "/api/generate", "/api/embed",
+                 "/api/embeddings"]:
         assert path in document["paths"], path
     ids = [operation["operationId"] for operations in document["paths"].values() for operation in operations.values()]
     assert len(ids) == len(set(ids))
@@ -128,6 +130,11 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
     "/v1/responses": {"input": "Hi"},
     "/v1/messages": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5},
     "/v1/messages/count_tokens": {"messages": [{"role": "user", "content": "Hi"}]},
+    "/api/chat": {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}]},
+    "/api/generate": {"model": "tiny-chat", "prompt": "Hi"},
+    "/api/show": {"model": "tiny-chat"},
+    "/api/embed": {"model": "tiny-embed", "input": "Hi"},
+    "/api/embeddings": {"model": "tiny-embed", "prompt": "Hi"},
 }
 
 
@@ -232,7 +239,7 @@ def test_docs_need_the_key_by_default_when_one_is_set(tmp_path: Path) -> None:
     assert client.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     document = document_of(client, **{"X-Api-Key": KEY})
     assert document["security"] == [{"bearer": []}, {"apiKeyHeader": []}]
-    for path in ["/health", "/check", "/v1/health", "/v1/health/"]:
+    for path in ["/health", "/check", "/v1/health", "/v1/health/", "/", "/api/version"]:
         assert document["paths"][path]["get"]["security"] == []
         assert client.get(path).status_code in (200, 503), path  # open: no key needed
     assert "security" not in document["paths"]["/v0/language-models/retrieve"]["post"]
@@ -328,6 +335,23 @@ CASES = [
     _case("post", "/v1/messages", {"messages": HI, "max_tokens": 3, "model": "claude"}, 404),
     _case("post", "/v1/messages/count_tokens", {"messages": HI, "system": "Be brief."}),
     _case("post", "/v1/messages/count_tokens", {"messages": [{"role": "user", "content": "x" * 600}]}, 400),
+    _case("get", "/"),
+    _case("get", "/api/version"),
+    _case("get", "/api/tags"),
+    _case("get", "/api/ps"),
+    _case("post", "/api/show", {"model": "tiny-chat", "verbose": True}),
+    _case("post", "/api/show", {"model": "nope"}, 404),
+    _case("post", "/api/chat", {"model": "tiny-chat", "messages": HI, "options": {"num_predict": 3}}),
+    _case("post", "/api/chat", {"model": "tiny-chat", "messages": HI, "stream": False}),
+    _case("post", "/api/chat", {"model": "tiny-chat", "messages": []}),
+    _case("post", "/api/chat", {"model": "tiny-chat", "messages": HI, "format": "json"}, 400),
+    _case("post", "/api/chat", {"model": "nope", "messages": HI}, 404),
+    _case("post", "/api/generate", {"model": "tiny-chat", "prompt": "Hi", "options": {"num_predict": 3}}),
+    _case("post", "/api/generate", {"model": "tiny-chat", "prompt": "Hi", "raw": True, "stream": False}),
+    _case("post", "/api/generate", {"model": "tiny-chat", "prompt": "x" * 600, "raw": True}, 400),
+    _case("post", "/api/embed", {"model": "tiny-embed", "input": ["a", "b"]}),
+    _case("post", "/api/embed", {"model": "tiny-chat", "input": "a"}, 400),
+    _case("post", "/api/embeddings", {"model": "tiny-embed", "prompt": "a"}),
     _case("get", "/openapi.json"),
     _case("get", "/docs"),
     _case("get", "/docs/"),
@@ -351,6 +375,11 @@ def check_response(document: dict[str, Any], case: dict[str, Any], response: req
     assert media is not None, f"{where}: {media_type} not documented (only {list(content)})"
     if media_type == "application/json":
         validate_json(document, media["schema"], response.json(), where)
+    elif media_type == "application/x-ndjson":
+        lines = response.text.splitlines()
+        assert lines, f"{where}: an empty stream"
+        for line in lines:
+            validate_json(document, media["x-event-data"], json.loads(line), where + " (line)")
     elif media_type == "text/event-stream":
         separator = "\r\n\r\n" if "\r\n" in response.text else "\n\n"
         events = [block for block in response.text.split(separator) if block]
@@ -388,7 +417,8 @@ def test_access_refusals_match_the_document_too(tmp_path: Path) -> None:
     document = document_of(client, **{"X-Api-Key": KEY})
     for method, path, template in [("post", "/v0/language-models/retrieve", None), ("post", "/generate", None),
                                    ("post", "/v1/responses", None), ("post", "/v1/messages", None),
-                                   ("get", "/v1/models/x", "/v1/models/{model}"), ("get", "/openapi.json", None)]:
+                                   ("get", "/v1/models/x", "/v1/models/{model}"), ("get", "/openapi.json", None),
+                                   ("post", "/api/chat", None), ("get", "/api/tags", None)]:
         response = getattr(client, method)(path, json={"model_name": "x"})
         assert response.status_code == 401
         schema = document["paths"][template or path][method]["responses"]["401"]["content"]["application/json"]["schema"]

@@ -29,7 +29,7 @@ from api.model_names import model_id
 from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.sampling import SamplingParams
 from api.wire import anthropic_schemas as schemas
-from api.wire.common import client_disconnected, closing, json_body, runtime, sse_response, stop_strings
+from api.wire.common import client_disconnected, closing, error_reply, json_body, runtime, sse_response, stop_strings
 from api.wire.validation import parse
 
 blueprint = Blueprint("anthropic", __name__)
@@ -66,11 +66,7 @@ def error_body(error: ApiError) -> dict[str, Any]:
 
 
 def error_response(error: ApiError) -> Response:
-    response = jsonify(error_body(error))
-    response.status_code = error.status
-    if error.retry_after is not None:
-        response.headers["Retry-After"] = str(error.retry_after)
-    return response
+    return error_reply(error, error_body(error))
 
 
 # -- requests

@@ -11,9 +11,9 @@ import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from flask import Response, current_app, request
+from flask import Response, current_app, jsonify, request
 
-from api.errors import InvalidRequest
+from api.errors import ApiError, InvalidRequest
 from api.model_download import ModelDownloader
 from api.runtime import Runtime
 from api.sampling import SamplingParams
@@ -75,6 +75,15 @@ def socket_closed_by_peer(sock: socket.socket) -> bool:
         return False  # open, nothing sent: the client is still there
     except OSError as error:
         return error.errno in _PEER_GONE or sock.fileno() < 0
+
+
+def error_reply(error: ApiError, body: object) -> Response:
+    """An error as a response: its status and Retry-After, with the body in a wire format's own shape."""
+    response = jsonify(body)
+    response.status_code = error.status
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
 
 
 def sampling_from(body: object, renamed: Mapping[str, str] | None = None, **derived: Any) -> SamplingParams:
