@@ -35,6 +35,38 @@ def test_deeply_nested_json_is_a_400(tiny_worker: ServerProcess, route: str) -> 
     assert_json_error(response, 400, "nested too deeply")
 
 
+@pytest.mark.parametrize(("route", "body", "param"), [
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages[0].content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages[0].content[0].text"),
+    ("/v1/embeddings", b'{"input": "\\ud800"}', "input"),
+    ("/v1/embeddings", b'{"input": ["fine", "\\udc00 alone"]}', "input[1]"),
+    ("/v1/completions", b'{"prompt": "a", "stop": "\\ud800"}', "stop"),
+    ("/gpt4all_api", b'{"prompt": "hi", "persona": "\\ud83d"}', "persona"),
+    ("/embeddings", b'{"text": "\\ud800"}', "text"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field(tiny_worker: ServerProcess, route: str, body: bytes,
+                                                    param: str) -> None:
+    """JSON can spell half of a UTF-16 pair alone; Python parses it into a string nothing can encode,
+    and chat content or embedding input with one was a UnicodeEncodeError and a 500."""
+    response = requests.post(tiny_worker.url + route, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+    assert_json_error(response, 400, "not valid Unicode")
+    assert response.json()["error"]["param"] == param
+
+
+def test_a_lone_surrogate_in_a_field_name_is_a_400(tiny_worker: ServerProcess) -> None:
+    response = requests.post(tiny_worker.url + "/v1/embeddings", data=b'{"input": "a", "\\ud800": 1}',
+                             headers={"Content-Type": "application/json"}, timeout=30)
+    assert_json_error(response, 400, "a field name is not valid Unicode")
+
+
+def test_a_surrogate_pair_is_text_like_any_other(tiny_worker: ServerProcess) -> None:
+    """Only unpaired halves are refused: an escaped pair is one character (here an emoji)."""
+    response = requests.post(tiny_worker.url + "/v1/embeddings", data=b'{"input": "smile \\ud83d\\ude00"}',
+                             headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 200, response.text
+
+
 def test_oversized_body_is_a_413(tiny_worker: ServerProcess) -> None:
     body = b'{"prompt": "' + b"x" * (1024 * 1024 + 10) + b'"}'
     response = requests.post(tiny_worker.url + "/gpt4all_api", data=body,
