@@ -26,6 +26,21 @@ def test_unknown_route_is_a_json_404(tiny_worker: ServerProcess) -> None:
     assert_json_error(requests.get(tiny_worker.url + "/nope", timeout=10), 404, "no route GET /nope")
 
 
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("GET", "/gpt4all_api", {"POST", "OPTIONS"}),
+    ("DELETE", "/v1/chat/completions", {"POST", "OPTIONS"}),
+    ("TRACE", "/v1/models", {"GET", "HEAD", "OPTIONS"}),
+    ("PUT", "/health", {"GET", "HEAD", "OPTIONS"}),
+])
+def test_a_405_says_which_methods_are_allowed(tiny_worker: ServerProcess, method: str, path: str,
+                                             allowed: set[str]) -> None:
+    """RFC 9110: a 405 carries Allow. It is still our JSON error, tagged with the worker."""
+    response = requests.request(method, tiny_worker.url + path, timeout=10)
+    assert_json_error(response, 405, f"{method} is not allowed")
+    assert {name.strip() for name in response.headers["Allow"].split(",")} == allowed
+    assert response.headers["X-Worker-Pid"] == str(tiny_worker.pid)
+
+
 @pytest.mark.parametrize("route", ["/gpt4all_api", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                                    "/generate", "/embeddings"])
 def test_deeply_nested_json_is_a_400(tiny_worker: ServerProcess, route: str) -> None:
