@@ -140,14 +140,17 @@ class _Run:
         self.request = request
         self.n = n
         self.outcomes: list[Outcome] = []
-        self.first = runtime().service.start(request)  # errors before any output surface here
+        # Held here: a stream starts the later generations after the view has returned, outside the
+        # app context where runtime() works.
+        self.service = runtime().service
+        self.first = self.service.start(request)  # errors before any output surface here
         self.id = self.first.id
         self.created = self.first.created
         self.model = model_id(self.first.model_name)
 
     def generations(self) -> Iterator[tuple[int, Generation]]:
         for index in range(self.n):
-            generation = self.first if index == 0 else runtime().service.start(self.request)
+            generation = self.first if index == 0 else self.service.start(self.request)
             yield index, generation
             generation.close()
             if generation.outcome is not None:
