@@ -2,9 +2,9 @@
 
 They change valid values into other valid values that the schema cannot single out, and leave
 invalid ones as generated, so the server's validation is exercised in full:
-- every reply length is capped at REPLY_TOKENS_CAP. A valid max_tokens is any integer from 1 up, and
-  the tiny model can count digits forever: a billion tokens would only measure how slow the model
-  is (and end as the 504 of REQUEST_TIMEOUT);
+- every reply length is capped at FUZZ_REPLY_TOKENS_CAP tokens. A valid max_tokens is any integer
+  from 1 up, and the tiny model can count digits forever: a billion tokens would only measure how
+  slow the model is (and end as the 504 of REQUEST_TIMEOUT);
 - an embedding request's `dimensions` becomes the dimension of the embedding model the test serves
   (FUZZ_EMBEDDING_DIMENSIONS): any other is a 400 by design (vectors cannot be shortened), and
   which one is right depends on the model file, not on the request's form.
@@ -24,7 +24,7 @@ from typing import Any
 import schemathesis
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-REPLY_TOKENS_CAP = 16
+REPLY_TOKENS_CAP = int(os.environ.get("FUZZ_REPLY_TOKENS_CAP", "16"))
 REPLY_LENGTH_FIELDS = frozenset({"max_tokens", "max_completion_tokens", "n_predict"})
 
 

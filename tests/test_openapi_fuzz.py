@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_settings
-from tests.schemathesis_hooks import REPLY_TOKENS_CAP
 from tests.servers import PYTHON, REPO, ServerProcess, start_worker
 
 KEY = "fuzz-key"  # with API_KEY set, the access checks (ignored_auth, missing credentials) have work to do
 EXAMPLES_PER_OPERATION = 10
+REPLY_TOKENS_CAP = 16  # the longest reply a generated request gets (tests/schemathesis_hooks.py caps longer ones)
 TINY_EMBEDDING_DIMENSIONS = 32  # tests/tiny_models.py: the tiny BERT's width
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, a connection is refused at once
 
@@ -68,6 +68,7 @@ def loopback_only_env(**extra: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_schemathesis_finds_no_mismatch_and_no_server_error(fuzz_worker: ServerProcess, tmp_path: Path) -> None:
     env = loopback_only_env(SCHEMATHESIS_HOOKS=str(REPO / "tests" / "schemathesis_hooks.py"),
+                            FUZZ_REPLY_TOKENS_CAP=str(REPLY_TOKENS_CAP),
                             FUZZ_EMBEDDING_DIMENSIONS=str(TINY_EMBEDDING_DIMENSIONS))
     run = subprocess.run(schemathesis_command(fuzz_worker.url), cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
                          capture_output=True, text=True, timeout=600)
