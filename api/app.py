@@ -14,6 +14,7 @@ import os
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
 from api.access import AccessPolicy
 from api.config import Settings
@@ -78,7 +79,10 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
 
     @app.errorhandler(HTTPException)
     def handle_http_error(error: HTTPException) -> Response:
-        return render_error(http_api_error(error))
+        response = render_error(http_api_error(error))
+        if isinstance(error, WerkzeugMethodNotAllowed) and error.valid_methods:
+            response.headers["Allow"] = ", ".join(error.valid_methods)  # RFC 9110: a 405 says what is allowed
+        return response
 
     @app.errorhandler(Exception)
     def handle_unexpected(error: Exception) -> Response:

@@ -32,6 +32,14 @@ from api.sampling import SamplingParams
 # gpt4all caps the prompt batch at 128; its generate() default of 8 costs 15-25% of first-token time.
 PROMPT_BATCH = 128
 _ERROR_TOKEN = -1
+_INT32_MAX = 2**31 - 1
+
+
+def _as_int32(count: int) -> int:
+    """A count for one of llama.cpp's int32 fields. ctypes wraps a larger value silently: a
+    max_tokens of 2**31 became -2**31 and the reply ended after one token. Clamped, "that many"
+    still means "no limit short of the end of the text"."""
+    return min(count, _INT32_MAX)
 
 
 def _load(path: Path, *, n_ctx: int, n_threads: int, device: str) -> GPT4All:
@@ -184,14 +192,14 @@ class ChatModel:
         assert sampling.max_tokens is not None, "the service resolves the default before the engine runs"
         greedy = sampling.temperature == 0
         self._llmodel._set_context(
-            n_predict=sampling.max_tokens,
-            top_k=1 if greedy else sampling.top_k,
+            n_predict=_as_int32(sampling.max_tokens),
+            top_k=1 if greedy else _as_int32(sampling.top_k),
             top_p=sampling.top_p,
             min_p=sampling.min_p,
             temp=sampling.temperature,
             n_batch=PROMPT_BATCH,
             repeat_penalty=sampling.repeat_penalty,
-            repeat_last_n=sampling.repeat_last_n,
+            repeat_last_n=_as_int32(sampling.repeat_last_n),
             reset_context=True,
         )
         self._llmodel.context.n_past = 0  # a fresh context for every request: nothing leaks between them

@@ -71,6 +71,20 @@ class PayloadTooLarge(ApiError):
     code = "request_too_large"
 
 
+class RequestHeadersTooLarge(ApiError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
+
+
+class UnsupportedTransferEncoding(ApiError):
+    """A Transfer-Encoding other than chunked: the server cannot read the body (501)."""
+
+    status = 501
+    type = "invalid_request_error"
+    code = "unsupported_transfer_encoding"
+
+
 class ServiceUnavailable(ApiError):
     """The model is loading, or no worker can serve: try again later (503 + Retry-After)."""
 

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import requests
 
 from api.config import Settings
-from api.errors import ApiError, Forbidden, InvalidRequest, ModelNotFound
+from api.errors import ApiError, Forbidden, InvalidRequest, ModelNotFound, NotFound
 from api.model_names import ModelNameError, file_name_for
 
 log = logging.getLogger("api.model_download")
@@ -92,8 +92,9 @@ def model_file_name(requested: str, param: str = "model") -> str:
 
 
 def resolve_folder(model_path: Path, requested: str | None, param: str = "model_path") -> Path:
-    """MODEL_PATH itself or an existing folder inside it; anything else (.., absolute paths elsewhere,
-    symlinks that lead out) is a 400."""
+    """MODEL_PATH itself or an existing folder inside it. Anything that leads out (.., absolute paths
+    elsewhere, symlinks) is a 403, a folder that does not exist a 404: whether a path is either
+    depends on the server's files, which the request's schema cannot know, so neither is a 400."""
     base = model_path.resolve()
     if requested is None or requested.strip() in ("", "."):
         return base
@@ -102,9 +103,9 @@ def resolve_folder(model_path: Path, requested: str | None, param: str = "model_
         candidate = base / candidate
     resolved = candidate.resolve()
     if resolved != base and base not in resolved.parents:
-        raise InvalidRequest(f"'{param}' must be MODEL_PATH or a folder inside it", param=param)
+        raise Forbidden(f"'{param}' must be MODEL_PATH or a folder inside it", param=param, code="outside_model_path")
     if not resolved.is_dir():
-        raise InvalidRequest(f"'{param}' names no existing folder inside MODEL_PATH", param=param)
+        raise NotFound(f"'{param}' names no existing folder inside MODEL_PATH", param=param)
     return resolved
 
 

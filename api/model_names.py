@@ -15,7 +15,16 @@ from api.gguf_file import GGUFFormatError, read_metadata
 
 MODEL_SUFFIX = ".gguf"
 EMBEDDING_ARCHITECTURES = frozenset({"bert", "nomic-bert"})
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+\-]{0,199}")
+MAX_NAME_LENGTH = 200
+_SAFE_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+\-]{{0,{MAX_NAME_LENGTH - 1}}}")
+REQUESTED_MODEL_FILE_SCHEMA = {
+    "pattern": r"^[A-Za-z0-9][A-Za-z0-9_+\-]*(?:\.[A-Za-z0-9_+\-]+)*$",
+    "anyOf": [{"maxLength": MAX_NAME_LENGTH - len(MODEL_SUFFIX)},
+              {"maxLength": MAX_NAME_LENGTH, "pattern": r"\.[Gg][Gg][Uu][Ff]$"}],
+}
+"""What file_name_for accepts, as JSON Schema keywords for the OpenAPI document: a letter or digit,
+then letters, digits, '_', '+', '-' and single dots between them; at most 200 characters once
+.gguf is added if it was left out. (A trailing dot would make '..' with the suffix added.)"""
 
 
 class ModelNameError(ValueError):

@@ -103,6 +103,15 @@ _ERROR_TEXT = {
 }
 
 
+SSE_EVENT: dict[str, Any] = {
+    "type": "object", "required": ["data"],
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}},
+    "description": "One Server-Sent Event (before OpenAPI 3.2, a stream's `schema` describes each event); "
+                   "`x-event-data` is the schema of its data.",
+}
+
+
 def openapi_path(rule: str) -> str:
     """Flask's /v1/models/<path:requested> -> OpenAPI's /v1/models/{requested}"""
     return _RULE_ARGUMENT.sub(r"{\1}", rule)
@@ -139,7 +148,7 @@ def _responses(operation: Operation, refs: Mapping[Any, dict[str, Any]], keyed: 
         entry: dict[str, Any] = {"description": " Or: ".join(reply.description for reply in alternatives)}
         for reply in alternatives:
             if reply.model is not None or reply.events is not None:
-                media: dict[str, Any] = {"schema": _schema_of(reply.model, refs) if reply.model is not None else {"type": "string"}}
+                media: dict[str, Any] = {"schema": _schema_of(reply.model, refs) if reply.model is not None else SSE_EVENT}
                 if reply.events is not None:
                     media["x-event-data"] = _schema_of(reply.events, refs)
                 entry.setdefault("content", {})[reply.media_type] = media

@@ -97,8 +97,9 @@ class ModelHost:
         described = next((model for model in self.installed() if model.file_name == name), None)
         if described is None:
             raise self._not_found(requested)
-        if described.is_embedding:
-            raise InvalidRequest(f"'{requested}' is an embedding model; use /v1/embeddings", param="model")
+        if described.is_embedding:  # a 404 (as OpenAI answers): which kind a name is depends on the files
+            raise ModelNotFound(f"'{requested}' is an embedding model, not a chat model; use /v1/embeddings",
+                                param="model", code="not_a_chat_model")
         with self._load_lock:
             if name not in self._chat:
                 log.info("loading model %s on demand", name)

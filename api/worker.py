@@ -37,6 +37,7 @@ import base64
 import contextlib
 import io
 import itertools
+import json
 import logging
 import os
 import select
@@ -51,12 +52,22 @@ from typing import Any, BinaryIO
 
 import waitress
 from waitress import wasyncore
+from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
-from waitress.task import WSGITask
+from waitress.task import ErrorTask, WSGITask
+from waitress.utilities import Error as WaitressError
 
 from api.accept_gate import AcceptGate
-from api.app import create_app
+from api.app import WORKER_HEADER, create_app
 from api.config import ConfigError, Settings, check_model_files, load_settings
+from api.errors import (
+    ApiError,
+    EngineFailure,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestHeadersTooLarge,
+    UnsupportedTransferEncoding,
+)
 from api.inference_slots import InferenceSlots
 from api.protocol import (
     EXIT_BAD_SOCKET,
@@ -107,6 +118,51 @@ def server_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+# -- the answers waitress gives itself, before the app sees a request
+
+
+def waitress_refusal(error: WaitressError, adj: Adjustments) -> ApiError:
+    """The API error that stands for a request waitress refused on its own (bad framing, a body or
+    headers over its limits, an unsupported Transfer-Encoding, or a crash of its own)."""
+    if error.code == 413:
+        return PayloadTooLarge("the request body is larger than MAX_REQUEST_BYTES")
+    if error.code == 431:
+        return RequestHeadersTooLarge(f"the request line and headers are larger than {adj.max_request_header_size} bytes")
+    if error.code == 501:
+        return UnsupportedTransferEncoding("the request's Transfer-Encoding is not supported (only chunked is)")
+    if 400 <= error.code < 500:
+        return InvalidRequest(f"the request is not valid HTTP/1.1: {error.body}")
+    return EngineFailure("internal error; see the server log")  # waitress's text may hold a traceback
+
+
+class JsonErrorTask(ErrorTask):
+    """waitress's own error answers in the API's JSON error shape, tagged with the worker like every
+    other answer (waitress writes plain text). The connection still closes after it."""
+
+    def execute(self) -> None:
+        refused: WaitressError = self.request.error
+        error = waitress_refusal(refused, self.channel.server.adj)
+        body = json.dumps(error.to_dict()).encode()
+        self.status = f"{error.status} {refused.reason}"
+        self.response_headers.extend([("Content-Type", "application/json"), (WORKER_HEADER, str(os.getpid()))])
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class ApiChannel(HTTPChannel):
+    """A connection whose refusals by waitress read like the app's own errors."""
+
+    error_task_class = JsonErrorTask
+
+    def send_continue(self) -> None:
+        """No `100 Continue` for a request waitress has already refused (say a Content-Length over
+        MAX_REQUEST_BYTES): the client would send the whole body for nothing. It gets the 413 now."""
+        if self.request is not None and self.request.error is not None:
+            return
+        super().send_continue()
+
+
 # -- standalone
 
 
@@ -114,6 +170,7 @@ def serve(settings: Settings) -> int:
     runtime = Runtime(settings)
     app = create_app(settings, runtime)
     server = waitress.create_server(app, host=settings.listen_ip, port=settings.listen_port, **server_options(settings))
+    server.channel_class = ApiChannel
     loader = threading.Thread(target=_load, args=(runtime,), name="model-loader", daemon=True)
     loader.start()
     log.info("listening on http://%s:%d", settings.listen_ip, settings.listen_port)
@@ -419,7 +476,7 @@ class WorkerTask(WSGITask):
         return server.lifecycle.closes_connections() or (server.one_client_at_a_time and readable_now(server.socket))
 
 
-class WorkerChannel(HTTPChannel):
+class WorkerChannel(ApiChannel):
     """A client connection; on the public socket it holds the worker from accept to answer.
 
     The worker closes connections that no request is using (when it drains, when silent ones

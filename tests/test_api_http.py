@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
+from waitress.adjustments import Adjustments
 
 from tests.conftest import tiny_settings
 from tests.servers import ServerProcess, start_worker
@@ -26,6 +30,21 @@ def test_unknown_route_is_a_json_404(tiny_worker: ServerProcess) -> None:
     assert_json_error(requests.get(tiny_worker.url + "/nope", timeout=10), 404, "no route GET /nope")
 
 
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("GET", "/gpt4all_api", {"POST", "OPTIONS"}),
+    ("DELETE", "/v1/chat/completions", {"POST", "OPTIONS"}),
+    ("TRACE", "/v1/models", {"GET", "HEAD", "OPTIONS"}),
+    ("PUT", "/health", {"GET", "HEAD", "OPTIONS"}),
+])
+def test_a_405_says_which_methods_are_allowed(tiny_worker: ServerProcess, method: str, path: str,
+                                             allowed: set[str]) -> None:
+    """RFC 9110: a 405 carries Allow. It is still our JSON error, tagged with the worker."""
+    response = requests.request(method, tiny_worker.url + path, timeout=10)
+    assert_json_error(response, 405, f"{method} is not allowed")
+    assert {name.strip() for name in response.headers["Allow"].split(",")} == allowed
+    assert response.headers["X-Worker-Pid"] == str(tiny_worker.pid)
+
+
 @pytest.mark.parametrize("route", ["/gpt4all_api", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                                    "/generate", "/embeddings"])
 def test_deeply_nested_json_is_a_400(tiny_worker: ServerProcess, route: str) -> None:
@@ -33,6 +52,139 @@ def test_deeply_nested_json_is_a_400(tiny_worker: ServerProcess, route: str) -> 
     response = requests.post(tiny_worker.url + route, data=b"[" * 100_000,
                              headers={"Content-Type": "application/json"}, timeout=30)
     assert_json_error(response, 400, "nested too deeply")
+
+
+@pytest.mark.parametrize(("route", "body", "param"), [
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages[0].content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages[0].content[0].text"),
+    ("/v1/embeddings", b'{"input": "\\ud800"}', "input"),
+    ("/v1/embeddings", b'{"input": ["fine", "\\udc00 alone"]}', "input[1]"),
+    ("/v1/completions", b'{"prompt": "a", "stop": "\\ud800"}', "stop"),
+    ("/gpt4all_api", b'{"prompt": "hi", "persona": "\\ud83d"}', "persona"),
+    ("/embeddings", b'{"text": "\\ud800"}', "text"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field(tiny_worker: ServerProcess, route: str, body: bytes,
+                                                    param: str) -> None:
+    """JSON can spell half of a UTF-16 pair alone; Python parses it into a string nothing can encode,
+    and chat content or embedding input with one was a UnicodeEncodeError and a 500."""
+    response = requests.post(tiny_worker.url + route, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+    assert_json_error(response, 400, "not valid Unicode")
+    assert response.json()["error"]["param"] == param
+
+
+def test_a_lone_surrogate_in_a_field_name_is_a_400(tiny_worker: ServerProcess) -> None:
+    response = requests.post(tiny_worker.url + "/v1/embeddings", data=b'{"input": "a", "\\ud800": 1}',
+                             headers={"Content-Type": "application/json"}, timeout=30)
+    assert_json_error(response, 400, "a field name is not valid Unicode")
+
+
+def test_a_surrogate_pair_is_text_like_any_other(tiny_worker: ServerProcess) -> None:
+    """Only unpaired halves are refused: an escaped pair is one character (here an emoji)."""
+    response = requests.post(tiny_worker.url + "/v1/embeddings", data=b'{"input": "smile \\ud83d\\ude00"}',
+                             headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 200, response.text
+
+
+# -- what waitress answers itself, before the app sees a request (raw sockets: no client library
+# sends these)
+
+MAX_BODY = 1024 * 1024  # MAX_REQUEST_BYTES's default
+MAX_HEADER = Adjustments.max_request_header_size  # waitress's default, which the worker keeps
+
+
+@dataclass
+class RawReply:
+    status_line: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def status(self) -> int:
+        return int(self.status_line.split()[1])
+
+
+def read_reply(connection: socket.socket) -> RawReply:
+    """One HTTP response: the head, then Content-Length bytes of body (so a close by reset after it
+    does not matter)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        assert chunk, f"the connection closed before a whole response head: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = connection.recv(65536)
+        assert chunk, "the connection closed in the middle of the body"
+        body += chunk
+    return RawReply(status_line, headers, body)
+
+
+def raw_exchange(port: int, request: bytes) -> RawReply:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
+        connection.sendall(request)
+        return read_reply(connection)
+
+
+def assert_json_refusal(reply: RawReply, pid: int, status: int, code: str | None, mentions: str) -> None:
+    """The usual error shape, tagged with the worker, and nothing of waitress's plain text."""
+    assert reply.status == status, reply
+    assert reply.headers["content-type"] == "application/json", reply
+    assert reply.headers["x-worker-pid"] == str(pid)
+    error = json.loads(reply.body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code and mentions in error["message"], error
+    assert error["type"] == ("invalid_request_error" if status < 500 or status == 501 else "server_error")
+
+
+POST_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+# Each request ends exactly where waitress refuses it: no unread bytes left behind, so the close
+# after the answer is a clean one on every run.
+WAITRESS_REFUSALS = {
+    "body over MAX_REQUEST_BYTES": (POST_HEAD + f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode(),
+                                    413, "request_too_large", "larger than MAX_REQUEST_BYTES"),
+    "chunked body over MAX_REQUEST_BYTES": (POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+                                            + f"{MAX_BODY + 1:x}\r\n".encode().ljust(MAX_BODY, b"x"),
+                                            413, "request_too_large", "larger than MAX_REQUEST_BYTES"),
+    "bad Content-Length": (POST_HEAD + b"Content-Length: ten\r\n\r\n", 400, None, "Content-Length is invalid"),
+    "bad chunk framing": (POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400, None, "Invalid chunk size"),
+    "bad request line": (b"NONSENSE\r\n\r\n", 400, None, "not valid HTTP/1.1"),
+    "unsupported Transfer-Encoding": (POST_HEAD + b"Transfer-Encoding: gzip\r\n\r\n", 501,
+                                      "unsupported_transfer_encoding", "only chunked"),
+    "headers over the limit": (b"GET /health HTTP/1.1\r\nX-Padding: ".ljust(MAX_HEADER, b"p"), 431,
+                               "request_headers_too_large", f"larger than {MAX_HEADER} bytes"),
+}
+
+
+EXPECT_TOO_LARGE = POST_HEAD + b"Expect: 100-continue\r\n" + f"Content-Length: {10 * MAX_BODY}\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "code", "mentions"), WAITRESS_REFUSALS.values(),
+                         ids=WAITRESS_REFUSALS.keys())
+def test_what_waitress_refuses_is_a_json_error_from_the_worker(tiny_worker: ServerProcess, request_bytes: bytes,
+                                                                status: int, code: str | None, mentions: str) -> None:
+    """waitress answered these in plain text, without X-Worker-Pid: a client parsing our errors got none."""
+    assert_json_refusal(raw_exchange(tiny_worker.port, request_bytes), tiny_worker.pid, status, code, mentions)
+
+
+def test_expect_continue_with_a_body_over_the_limit_is_a_413_not_a_continue(tiny_worker: ServerProcess) -> None:
+    """A client that asks before sending a body too large must hear 413 at once. waitress said
+    `100 Continue` and then waited for a body it was going to refuse."""
+    assert_json_refusal(raw_exchange(tiny_worker.port, EXPECT_TOO_LARGE), tiny_worker.pid, 413, "request_too_large",
+                        "MAX_REQUEST_BYTES")
+
+
+def test_expect_continue_with_a_body_within_the_limit_still_continues(tiny_worker: ServerProcess) -> None:
+    body = json.dumps({"prompt": "x", "temperature": 0, "max_tokens": 3}).encode()
+    with socket.create_connection(("127.0.0.1", tiny_worker.port), timeout=20) as connection:
+        connection.sendall(POST_HEAD + b"Expect: 100-continue\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode())
+        assert connection.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        connection.sendall(body)
+        reply = read_reply(connection)
+    assert reply.status == 200, reply
+    assert json.loads(reply.body)["choices"][0]["text"] == "yz"  # the tiny model: x -> y -> z -> end
 
 
 def test_oversized_body_is_a_413(tiny_worker: ServerProcess) -> None:

@@ -89,6 +89,33 @@ def test_chat_stream_wire_format_chunk_by_chunk(tiny_worker: ServerProcess) -> N
     assert all(chunk["usage"] is None for chunk in [first, *content, finish])
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_a_stream_of_several_choices_streams_them_all(tiny_worker: ServerProcess, route: str) -> None:
+    """The second choice starts once the view has returned (while the stream is sent): it broke the
+    stream mid-way (an internal error outside the app context), which a fuzzer found."""
+    body = {"messages": USER_HI} if route.endswith("chat/completions") else {"prompt": "Hi"}
+    response = requests.post(tiny_worker.url + route, json={**body, "temperature": 0, "max_tokens": 2, "n": 3,
+                                                            "stream": True, "stream_options": {"include_usage": True}},
+                             timeout=30)
+    events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert "error" not in chunks[-1], chunks[-1]
+    finished = [chunk["choices"][0] for chunk in chunks if chunk["choices"] and chunk["choices"][0]["finish_reason"]]
+    assert [choice["index"] for choice in finished] == [0, 1, 2]
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_a_max_tokens_past_the_int32_range_means_no_limit(tiny_worker: ServerProcess) -> None:
+    """The document allows any max_tokens from 1 up; llama.cpp's n_predict is an int32, and ctypes
+    wrapped 2**31 to a negative number: the reply ended after one token."""
+    response = requests.post(tiny_worker.url + "/v1/completions", timeout=30,
+                             json={"prompt": "a", "temperature": 0, "max_tokens": 2**31})
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == ("bcdefghijklmnopqrstuvwxyz", "stop")
+
+
 def test_stream_without_usage_has_no_usage_chunk(tiny_worker: ServerProcess) -> None:
     chunks = [json.loads(event) for event in sse_events(chat(tiny_worker, stream=True))[:-1]]
     assert "usage" not in chunks[-1] and chunks[-1]["choices"][0]["finish_reason"] == "stop"

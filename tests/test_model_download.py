@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from api.config import Settings, load_settings
-from api.errors import ApiError, InvalidRequest, ModelNotFound
+from api.errors import ApiError, Forbidden, InvalidRequest, ModelNotFound, NotFound
 from api.model_download import (
     DownloadDisabled,
     DownloadFailed,
@@ -204,18 +204,21 @@ def test_folders_stay_inside_model_path(tmp_path: Path) -> None:
     base = tmp_path / "models"
     (base / "sub").mkdir(parents=True)
     (tmp_path / "outside").mkdir()
-    bad = ["..", "../outside", "sub/../../outside", str(tmp_path / "outside"), "/etc", "missing"]
+    outside = ["..", "../outside", "sub/../../outside", str(tmp_path / "outside"), "/etc"]
     with contextlib.suppress(OSError):  # Windows without the symlink privilege: no symlink to test
         (base / "escape").symlink_to(tmp_path / "outside")
-        bad.append("escape")
+        outside.append("escape")
     assert resolve_folder(base, None) == base.resolve()
     assert resolve_folder(base, "sub") == (base / "sub").resolve()
     assert resolve_folder(base, str(base / "sub")) == (base / "sub").resolve()
     assert resolve_folder(base, str(base)) == base.resolve()
-    for requested in bad:
-        with pytest.raises(InvalidRequest) as caught:
+    for requested in outside:
+        with pytest.raises(Forbidden) as caught:
             resolve_folder(base, requested)
-        assert caught.value.param == "model_path" and caught.value.status == 400
+        assert caught.value.param == "model_path" and caught.value.status == 403
+    with pytest.raises(NotFound) as missing:
+        resolve_folder(base, "missing")
+    assert missing.value.param == "model_path" and missing.value.status == 404
 
 
 # -- downloads

@@ -106,7 +106,8 @@ def test_a_folder_inside_model_path(worker: ServerProcess, model_dir: Path) -> N
     assert response.status_code == 200 and response.json()["success"] is True
     assert (model_dir / "sub" / "good.gguf").is_file()
     outside = retrieve(worker, {"model_name": "good", "model_path": str(model_dir.parent)})
-    assert outside.status_code == 400 and outside.json()["error"]["param"] == "model_path"
+    assert outside.status_code == 403 and outside.json()["error"]["param"] == "model_path"
+    assert outside.json()["error"]["code"] == "outside_model_path"
 
 
 def test_concurrent_retrievals_share_one_download(worker: ServerProcess, model_server: ModelServer) -> None:

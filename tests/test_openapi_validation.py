@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import jsonschema_rs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from api.errors import InvalidRequest
+from api.model_names import REQUESTED_MODEL_FILE_SCHEMA, ModelNameError, file_name_for
 from api.wire import schemas
-from api.wire.validation import field_path, parse
+from api.wire.openai import apply_prompt_template
+from api.wire.validation import NON_BLANK_PATTERN, WHITESPACE, field_path, parse
 
 HI = [{"role": "user", "content": "a"}]
 
@@ -19,7 +26,7 @@ HI = [{"role": "user", "content": "a"}]
     (schemas.OriginalRequest, {"prompt": "x", "temp": True}, "temp", "'temp' must be a number"),
     (schemas.OriginalRequest, {"prompt": "x", "temp": float("inf")}, "temp", "'temp' must be a finite number"),
     (schemas.OriginalRequest, {"prompt": "x", "temp": 9}, "temp", "'temp' must be between 0 and 2"),
-    (schemas.OriginalRequest, {"prompt": "x", "max_tokens": 1.0}, "max_tokens", "'max_tokens' must be an integer"),
+    (schemas.OriginalRequest, {"prompt": "x", "max_tokens": 1.5}, "max_tokens", "'max_tokens' must be an integer"),
     (schemas.OriginalRequest, {"prompt": "x", "max_tokens": 0}, "max_tokens", "'max_tokens' must be at least 1"),
     (schemas.ChatCompletionRequest, {"messages": HI, "top_p": 0}, "top_p", "'top_p' must be greater than 0 and at most 1"),
     (schemas.ChatCompletionRequest, {"messages": HI, "n": 9}, "n", "'n' must be between 1 and 8"),
@@ -52,3 +59,68 @@ def test_field_paths() -> None:
     assert field_path(("messages", 0, "role")) == "messages[0].role"
     assert field_path(("params", "temp")) == "params.temp"
     assert field_path(()) == ""
+
+
+# -- the document's patterns say exactly what the code checks
+#
+# JSON Schema patterns are ECMA 262 regular expressions. jsonschema_rs (schemathesis's validator) reads
+# them as ECMA does; Python's re would let `$` match before a final newline, so it is not the judge here.
+
+PROPERTY_RUNS = settings(max_examples=400, derandomize=True, database=None, deadline=None)
+
+
+def matches(schema: dict, text: str) -> bool:
+    return jsonschema_rs.validator_for({"type": "string", **schema}).is_valid(text)
+
+
+def raises(check: Callable[[], object]) -> bool:
+    try:
+        check()
+    except (InvalidRequest, ModelNameError):
+        return True
+    return False
+
+
+@PROPERTY_RUNS
+@given(st.text(alphabet=st.sampled_from(f"a%.{WHITESPACE}\ufeff\u200b"), max_size=6))
+def test_the_non_blank_pattern_is_the_blank_check(text: str) -> None:
+    assert matches({"pattern": NON_BLANK_PATTERN}, text) == bool(text.strip())
+    assert raises(lambda: parse(schemas.OriginalRequest, {"prompt": text})) == (not text.strip())
+
+
+@PROPERTY_RUNS
+@given(st.text(alphabet=st.sampled_from("%12a \n\t\x1c\u3000"), max_size=10))
+def test_the_prompt_template_pattern_is_the_template_check(template: str) -> None:
+    assert matches({"pattern": schemas.PROMPT_TEMPLATE_PATTERN}, template) == (
+        not raises(lambda: apply_prompt_template(template, "prompt")))
+
+
+@PROPERTY_RUNS
+@given(st.one_of(st.text(alphabet=st.sampled_from("aZ9._+-/\\ gGuUfF"), max_size=12),
+                 st.builds(lambda stem, size, suffix: stem * size + suffix, st.sampled_from(["a", "a."]),
+                           st.integers(190, 205), st.sampled_from(["", ".gguf", ".GGUF", "."]))))
+def test_the_model_name_schema_is_the_model_name_check(name: str) -> None:
+    assert matches(REQUESTED_MODEL_FILE_SCHEMA, name) == (not raises(lambda: file_name_for(name)))
+
+
+def test_a_number_without_a_fraction_is_an_integer() -> None:
+    """As in JSON Schema: 2.0 is the integer 2; 2.5 is not an integer."""
+    body = parse(schemas.CompletionRequest, {"prompt": "x", "n": 2.0, "max_tokens": 1e2, "temperature": 1})
+    assert body.n == 2 and isinstance(body.n, int) and body.max_tokens == 100
+    assert body.temperature == 1.0 and isinstance(body.temperature, float)
+    with pytest.raises(InvalidRequest, match="'n' must be an integer"):
+        parse(schemas.CompletionRequest, {"prompt": "x", "n": 2.5})
+
+
+def test_every_optional_field_is_documented_as_nullable() -> None:
+    """A null counts as an absent field, so the document admits null wherever a field may be left out."""
+    checked = 0
+    for model in (schemas.OriginalRequest, schemas.ChatCompletionRequest, schemas.CompletionRequest,
+                  schemas.EmbeddingRequest, schemas.V0ChatRequest, schemas.V0GenerateRequest, schemas.V0RetrieveRequest,
+                  schemas.LlmGenerateRequest, schemas.LlmEmbeddingsRequest):
+        document = model.model_json_schema()
+        for name, field_schema in document["properties"].items():
+            validator = jsonschema_rs.validator_for({**field_schema, "$defs": document.get("$defs", {})})
+            assert validator.is_valid(None) == (name not in document.get("required", [])), (model.__name__, name)
+            checked += 1
+    assert checked > 80

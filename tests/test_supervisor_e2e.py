@@ -27,6 +27,7 @@ import requests
 
 from tests.conftest import tiny_settings
 from tests.servers import PYTHON, REPO, ServerProcess, Service, base_env, cmdline_text, environ_text, free_port
+from tests.test_api_http import EXPECT_TOO_LARGE, assert_json_refusal, raw_exchange
 from tests.tiny_models import TINY_CHAT_REPLY
 
 ENDLESS = {"prompt": "count 0", "max_tokens": 100000, "temperature": 0}  # digits until cancelled
@@ -308,6 +309,18 @@ def test_health_of_the_service_reports_json(start_service: Callable[..., Service
     body = requests.get(service.url + "/health", timeout=5).json()
     assert body["status"] == "ready"
     assert json.loads(json.dumps(body))["model"] == "tiny-chat.gguf"
+
+
+def test_a_supervised_worker_refuses_bad_http_in_json_too(start_service: Callable[..., Service]) -> None:
+    """Supervised workers use their own waitress channel: its refusals are the same JSON errors."""
+    service = start_service()
+    pids = {worker.pid for worker in service.workers()}
+    too_large = raw_exchange(service.port, EXPECT_TOO_LARGE)
+    assert int(too_large.headers.get("x-worker-pid", 0)) in pids, too_large
+    assert_json_refusal(too_large, int(too_large.headers["x-worker-pid"]), 413, "request_too_large", "MAX_REQUEST_BYTES")
+    bad = raw_exchange(service.port, b"NONSENSE\r\n\r\n")
+    assert int(bad.headers.get("x-worker-pid", 0)) in pids, bad
+    assert_json_refusal(bad, int(bad.headers["x-worker-pid"]), 400, None, "not valid HTTP/1.1")
 
 
 # -- the other way to start workers: a fresh `python -m api` each (Windows' way, and a fallback)

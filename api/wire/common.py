@@ -17,6 +17,7 @@ from api.errors import ApiError, InvalidRequest
 from api.model_download import ModelDownloader
 from api.runtime import Runtime
 from api.sampling import SamplingParams
+from api.wire.validation import field_path
 
 T = TypeVar("T")
 
@@ -42,7 +43,52 @@ def json_body() -> dict[str, Any]:
         raise InvalidRequest("the request body is nested too deeply to be read as JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    refuse_lone_surrogates(body)
     return body
+
+
+def refuse_lone_surrogates(body: dict[str, Any]) -> None:
+    """A 400 for a string that is not Unicode text. JSON may spell half of a UTF-16 pair alone
+    (`"\\ud800"`), and Python parses it into a string that no UTF-8 encoder accepts: deep in the
+    engine or the response writer, that was a UnicodeEncodeError and a 500. The message names the
+    field but never repeats the bad text (it could not be sent either)."""
+    found = _lone_surrogate(body)
+    if found is None:
+        return
+    path, in_key = found
+    param = field_path(path) or None
+    # A string always sits under some field (the body is an object); a key may be at the top.
+    where = (f"a field name in '{param}'" if param else "a field name") if in_key else f"'{param}'"
+    raise InvalidRequest(f"{where} is not valid Unicode text: it holds an unpaired UTF-16 surrogate (\\ud800-\\udfff)",
+                         param=param)
+
+
+def _lone_surrogate(value: Any) -> tuple[tuple[int | str, ...], bool] | None:
+    """(path, in a key?) of the first string or object key holding a lone surrogate, or None.
+    Iterative: the body may be nested as deeply as the JSON parser allows."""
+    pending: list[tuple[tuple[int | str, ...], Any]] = [((), value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            if not _is_unicode_text(item):
+                return path, False
+        elif isinstance(item, dict):
+            if not all(_is_unicode_text(key) for key in item):
+                return path, True
+            pending.extend(((*path, key), child) for key, child in reversed(item.items()))
+        elif isinstance(item, list):
+            pending.extend(((*path, index), child) for index, child in reversed(list(enumerate(item))))
+    return None
+
+
+def _is_unicode_text(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def client_disconnected() -> Callable[[], bool]:

@@ -294,7 +294,9 @@ def _start(body: schemas.OllamaGeneration, *, prompt_field: str, messages: list[
         return runtime().service.start(GenerationRequest(
             sampling=_sampling(options, context_window), model=model, messages=messages, prompt=prompt,
             stop=stop_strings(options.stop), is_disconnected=client_disconnected(), prompt_field=prompt_field))
-    except ModelNotFound:
+    except ModelNotFound as error:
+        if error.code == "not_a_chat_model":  # Ollama answers a 400 for a model that cannot chat
+            raise InvalidRequest(f"'{body.model}' is an embedding model: use /api/embed", param="model") from None
         raise _not_found(body.model) from None  # named as the client named it, listed as /api/tags lists them
 
 

@@ -62,7 +62,7 @@ def _repeat_penalty(body: schemas.OpenAISampling) -> float:
                              param="frequency_penalty")
     repeat = body.repeat_penalty
     if body.repeat_penality is not None:
-        if repeat is not None and repeat != body.repeat_penality:
+        if repeat is not None:  # even when equal: the document can say "not both", not "not different"
             raise InvalidRequest("set either 'repeat_penalty' or 'repeat_penality' (its old spelling), not both",
                                  param="repeat_penality")
         repeat = body.repeat_penality
@@ -126,14 +126,17 @@ class _Run:
         self.request = request
         self.n = n
         self.outcomes: list[Outcome] = []
-        self.first = runtime().service.start(request)  # errors before any output surface here
+        # Held here: a stream starts the later generations after the view has returned, outside the
+        # app context where runtime() works.
+        self.service = runtime().service
+        self.first = self.service.start(request)  # errors before any output surface here
         self.id = self.first.id
         self.created = self.first.created
         self.model = model_id(self.first.model_name)
 
     def generations(self) -> Iterator[tuple[int, Generation]]:
         for index in range(self.n):
-            generation = self.first if index == 0 else runtime().service.start(self.request)
+            generation = self.first if index == 0 else self.service.start(self.request)
             yield index, generation
             generation.close()
             if generation.outcome is not None:
@@ -225,15 +228,8 @@ def chat_completions() -> Response:
 
 
 def _completion_prompt(body: schemas.CompletionRequest) -> str:
-    prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise InvalidRequest("'prompt' must be a string or a list of one string (batches and token arrays "
-                                 "are not supported)", param="prompt")
-        prompt = prompt[0]
-    if not prompt:
-        raise InvalidRequest("'prompt' must not be empty", param="prompt")
-    return prompt
+    """The one prompt (the schema allows a string or a list of exactly one, never empty)."""
+    return body.prompt[0] if isinstance(body.prompt, list) else body.prompt
 
 
 def _completion_chunk(run: _Run, include_usage: bool, echo: str) -> Callable[[int, str | None, str | None, bool], dict[str, Any]]:
@@ -390,7 +386,7 @@ def health() -> Response:
 
 
 def _embedding_inputs(body: schemas.EmbeddingRequest) -> list[str]:
-    return [body.input] if isinstance(body.input, str) else body.input
+    return [body.input] if isinstance(body.input, str) else body.input  # the schema refuses empty texts
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:

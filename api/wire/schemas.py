@@ -11,12 +11,13 @@ that clients see them in the document and get a 400 naming their own field.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.model_names import REQUESTED_MODEL_FILE_SCHEMA
 from api.sampling import BOUNDS
-from api.wire.validation import NonBlank, WireModel, expect
+from api.wire.validation import NOT_NULL, WHITESPACE, NonBlank, WireModel, declares, expect
 
 MAX_CHOICES = 8
 MAX_STOPS = 16
@@ -46,6 +47,20 @@ ModelName = Annotated[str, Field(description="An installed model: its id or .ggu
 StopList = Annotated[list[str], Field(max_length=MAX_STOPS)]
 Stop = Annotated[str | StopList, expect(f"a string or a list of at most {MAX_STOPS} strings"),
                  Field(description="Text that ends the reply (not included in it): a string or a list of strings.")]
+NonEmptyText = Annotated[str, Field(min_length=1)]
+
+NOTHING: dict[str, Any] = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "object", "maxProperties": 0}]}
+"""The schema of a field accepted only when it asks for nothing: [] or {} (or null)."""
+
+
+def _given(*names: str, **schemas: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema: each of `names` is given (present and not null), and matches its schema if one is named."""
+    return {"required": list(names), "properties": {name: {**NOT_NULL, **schemas.get(name, {})} for name in names}}
+
+
+PROMPT_TEMPLATE_PATTERN = f"^(?:[^%]|%+[^%12])*%*%1(?:[^%]|%+[^%12])*%*(?:%2[{WHITESPACE}]*)?$"
+"""GPT4All's prompt template: %1 (the prompt) exactly once, and at most one %2 (the reply), with
+nothing but white space after it. (`%+[^%12]` is a run of % that starts neither marker.)"""
 
 
 class ResponseModel(BaseModel):
@@ -133,10 +148,13 @@ class OpenAISampling(WireModel):
     top_p: TopP = 1.0
     top_k: TopK = 40
     min_p: MinP = 0.0
-    presence_penalty: float = Field(0.0, ge=0, le=2, description="Mapped to repeat_penalty = 1 + presence_penalty / 2.")
-    frequency_penalty: float = Field(0.0, description="Only 0 is supported (gpt4all has no count-based penalty).")
+    presence_penalty: float = Field(0.0, ge=0, le=2, description="Mapped to repeat_penalty = 1 + presence_penalty / 2. "
+                                                               "Not together with repeat_penalty unless 0.")
+    frequency_penalty: Annotated[float, declares(const=0)] = Field(
+        0.0, description="Only 0 is supported (gpt4all has no count-based penalty).")
     repeat_penalty: RepeatPenalty | None = None
-    repeat_penality: RepeatPenalty | None = Field(None, description="The old misspelling of repeat_penalty, still accepted.")
+    repeat_penality: RepeatPenalty | None = Field(
+        None, description="The old misspelling of repeat_penalty, still accepted (not together with repeat_penalty).")
     repeat_last_n: RepeatLastN = 64
     seed: int | None = Field(None, description="Accepted, but gpt4all seeds its sampler from the clock and cannot honour it.")
     stop: Stop | None = None
@@ -144,13 +162,22 @@ class OpenAISampling(WireModel):
     stream: bool = Field(False, description="Send the reply as Server-Sent Events while it is generated.")
     stream_options: StreamOptions | None = Field(None, description="Only with stream: true.")
     user: str | None = Field(None, description="Accepted and ignored.")
-    logprobs: Annotated[bool | int, expect("a boolean or an integer")] | None = Field(
+    logprobs: Annotated[bool | int, expect("a boolean or an integer"), declares(enum=[False, 0])] | None = Field(
         None, description="Not supported: only false/0.")
-    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
-    tools: list[Any] | None = Field(None, description="Not supported: refused unless empty.")
-    tool_choice: Any = Field(None, description="Not supported.")
-    functions: list[Any] | None = Field(None, description="Not supported: refused unless empty.")
-    function_call: Any = Field(None, description="Not supported.")
+    response_format: Annotated[dict[str, Any], declares(
+        anyOf=[{"maxProperties": 0}, {"required": ["type"], "properties": {"type": {"const": "text"}}}])] | None = Field(
+        None, description='Only {"type": "text"}.')
+    tools: Annotated[list[Any], declares(maxItems=0)] | None = Field(None, description="Not supported: refused unless empty.")
+    tool_choice: Annotated[Any, declares(**NOTHING)] = Field(None, description="Not supported: refused unless empty.")
+    functions: Annotated[list[Any], declares(maxItems=0)] | None = Field(None, description="Not supported: refused unless empty.")
+    function_call: Annotated[Any, declares(**NOTHING)] = Field(None, description="Not supported: refused unless empty.")
+
+    document_rules: ClassVar[dict[str, Any]] = {"allOf": [
+        {"not": _given("repeat_penalty", "repeat_penality")},
+        {"not": _given("repeat_penalty", "presence_penalty", presence_penalty={"not": {"const": 0}})},
+        {"not": _given("repeat_penality", "presence_penalty", presence_penalty={"not": {"const": 0}})},
+        {"not": {"required": ["stream_options"], "properties": {"stream_options": NOT_NULL, "stream": {"not": {"const": True}}}}},
+    ]}
 
 
 class TextPart(WireModel):
@@ -164,17 +191,22 @@ class ChatMessage(WireModel):
         None, description="The text, or an array of text parts. May be left out only for an assistant message.")
     name: str | None = Field(None, description="Accepted and ignored.")
 
+    document_rules: ClassVar[dict[str, Any]] = {
+        "if": {"properties": {"role": {"const": "assistant"}}}, "else": _given("content")}
+
 
 class ChatCompletionRequest(OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far, oldest first.")
 
 
 class CompletionRequest(OpenAISampling):
-    prompt: Annotated[str | list[str], expect("a string or a list of one string")] = Field(
+    prompt: Annotated[NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=1)],
+                      expect("a non-empty string or a list of one non-empty string (batches and token arrays are not "
+                             "supported)")] = Field(
         description="The text to continue: a string, or a list holding one string.")
     echo: bool = Field(False, description="Put the prompt in front of the reply.")
-    suffix: str | None = Field(None, description="Not supported (insertion).")
-    prompt_template: str | None = Field(
+    suffix: Annotated[str, declares(maxLength=0)] | None = Field(None, description="Not supported (insertion): empty or null.")
+    prompt_template: Annotated[str, declares(pattern=PROMPT_TEMPLATE_PATTERN)] | None = Field(
         None, description="Wraps the prompt before generation: %1 stands for the prompt (exactly once). A %2, if present, marks "
                           "where the reply goes and must be at the end.")
     prompt_batch_size: int | None = Field(None, ge=1, description="Accepted; prompts are always processed in batches of 128 tokens.")
@@ -277,12 +309,14 @@ class HealthStatus(ResponseModel):
 
 
 class EmbeddingRequest(WireModel):
-    input: Annotated[str | Annotated[list[str], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)],
-                     expect("a non-empty string or a non-empty array of strings (token arrays are not supported)")] = Field(
+    input: Annotated[NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)],
+                     expect(f"a non-empty string or an array of 1 to {MAX_EMBEDDING_INPUTS} non-empty strings (token arrays "
+                            "are not supported)")] = Field(
         description="A text or a list of texts.")
     model: ModelName | None = Field(None, description="The embedding model (default: EMBEDDING_MODEL_NAME).")
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32 values.")
-    dimensions: int | None = Field(None, description="Must equal the model's dimension if given (vectors cannot be shortened).")
+    dimensions: int | None = Field(None, ge=1, description="Must equal the model's dimension if given (vectors cannot be "
+                                                               "shortened): a 400 otherwise.")
     user: str | None = None
 
 
@@ -334,7 +368,8 @@ class V0GenerateRequest(V0Sampling):
 
 
 class V0RetrieveRequest(WireModel):
-    model_name: NonBlank = Field(description="A bare .gguf file name (the .gguf may be left out).")
+    model_name: Annotated[str, declares(**REQUESTED_MODEL_FILE_SCHEMA)] = Field(
+        description="A bare .gguf file name (the .gguf may be left out).")
     model_path: str | None = Field(None, description="MODEL_PATH (the default) or a folder inside it; nothing else.")
     allow_download: bool = Field(True, description="false: only report whether the model is installed.")
 

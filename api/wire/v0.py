@@ -76,8 +76,10 @@ def _retrieve(body: schemas.V0RetrieveRequest) -> str:
                 "(ALLOW_DOWNLOAD=true); they are checked against the catalog's size and checksum before the model "
                 "appears under its name. `model_path` may only be MODEL_PATH or a folder inside it.",
     responses={200: Reply("The model is installed (now).", schemas.V0RetrieveReply)},
-    errors={403: "Downloads are disabled (`code`: download_disabled), or the client address is not authorized.",
-            404: "Not installed and allow_download is false, or the catalog does not list it.",
+    errors={403: "Downloads are disabled (`code`: download_disabled), `model_path` leads outside MODEL_PATH "
+                 "(`code`: outside_model_path), or the client address is not authorized.",
+            404: "Not installed and allow_download is false, the catalog does not list it, or `model_path` names no "
+                 "existing folder.",
             502: "The download failed (truncated, wrong checksum, server error).",
             504: "The download server stopped answering.", 507: "Not enough disk space."},
     error_model=schemas.V0RetrieveError,

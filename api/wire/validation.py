@@ -6,21 +6,37 @@ documentation cannot drift from what the routes accept.
 
 Validation is strict, as the hand-written checks before it were: a string is never coerced to a
 number, a boolean is not an integer, an integer is a valid number, NaN and infinities are refused.
-A JSON null counts as an absent field. The first problem found becomes an `InvalidRequest` whose
+As in JSON Schema, a number with no fractional part is an integer (`3.0` is 3). A JSON null counts
+as an absent field, and the document says so: every optional field's schema admits null.
+
+Checks that a route makes itself (with a message of its own) are declared in the document too, with
+`declares(...)` on a field or `document_rules` on a model, so that the document never admits a body
+the route refuses. The first problem found becomes an `InvalidRequest` whose
 `param` is the client's own field path (`temperature`, `messages[0].role`, `params.temp`) and whose
 message reads like `'temp' must be between 0 and 2`.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import types
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, TypeVar, Union, get_args, get_origin
 
 import annotated_types
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    WrapValidator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticCustomError
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from api.errors import InvalidRequest
 
@@ -30,16 +46,53 @@ _CUSTOM = "wire"
 """Error type of our own checks; the message is the predicate after the field name."""
 
 
+_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "deprecated"})
+NULL: dict[str, Any] = {"type": "null"}
+NOT_NULL: dict[str, Any] = {"not": NULL}
+
+
+def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema`, or null."""
+    core = {key: value for key, value in schema.items() if key not in _ANNOTATIONS}
+    if not core or NULL in core.get("anyOf", []):
+        return schema  # admits null already
+    if set(core) == {"anyOf"}:
+        return {**schema, "anyOf": [*core["anyOf"], NULL]}
+    return {**{key: value for key, value in schema.items() if key in _ANNOTATIONS}, "anyOf": [core, NULL]}
+
+
+def _document_the_wire_rules(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Make a model's JSON schema say what parsing it does beyond the fields' types: an optional
+    field may be null (`_read_as_json_means_it`), and the model's own cross-field rules."""
+    required = set(schema.get("required", ()))
+    properties = schema.get("properties", {})
+    for name, prop in properties.items():
+        if name not in required:
+            properties[name] = _or_null(prop)
+    schema.update(getattr(model, "document_rules", {}))
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 class WireModel(BaseModel):
     """Base of every request body: strict types, nulls are absent, unknown fields are ignored."""
 
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, protected_namespaces=())
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, protected_namespaces=(),
+                              json_schema_extra=_document_the_wire_rules)
+
+    document_rules: ClassVar[dict[str, Any]] = {}
+    """JSON Schema keywords for the rules the route checks across fields (with its own messages)."""
 
     @model_validator(mode="before")
     @classmethod
-    def _nulls_are_absent(cls, data: Any) -> Any:
+    def _read_as_json_means_it(cls, data: Any) -> Any:
+        """A null is an absent field, and a number without a fraction is an integer (3.0 is 3):
+        JSON has one kind of number, and JSON Schema's "integer" is that. A float field takes the
+        integer as the same number; a fraction (3.5) stays a float, which an integer field refuses."""
         if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
+            return {key: _integral(value) for key, value in data.items() if value is not None}
         return data
 
 
@@ -61,13 +114,43 @@ def expect(description: str) -> WrapValidator:
     return WrapValidator(validate)
 
 
+class declares:  # noqa: N801 - reads as an annotation: Annotated[str, declares(maxLength=0)]
+    """JSON Schema keywords added to a field's schema, for a check the route makes in code (with a
+    message of its own) that the type alone does not show."""
+
+    def __init__(self, **keywords: Any) -> None:
+        self.keywords = keywords
+
+    def __get_pydantic_json_schema__(self, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        return {**handler(core_schema), **self.keywords}
+
+    # Annotated metadata must be hashable (typing deduplicates unions)
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.keywords, sort_keys=True))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, declares) and other.keywords == self.keywords
+
+    def __repr__(self) -> str:
+        return f"declares({self.keywords!r})"
+
+
+WHITESPACE = "".join(character for character in map(chr, range(0x3001)) if character.isspace())
+"""Every character str.isspace() counts (none lies above U+3000), spelled out: `\\s` means three
+different sets in Python's, ECMA 262's and Rust's regular expressions, and a JSON Schema pattern must
+mean to every validator what it means here."""
+NON_BLANK_PATTERN = f"[^{WHITESPACE}]"
+"""Somewhere, a character that is not white space (a JSON Schema pattern is not anchored)."""
+_NON_BLANK = re.compile(NON_BLANK_PATTERN)
+
+
 def _not_blank(value: str) -> str:
-    if not value.strip():
+    if not _NON_BLANK.search(value):
         raise fail("must not be empty")
     return value
 
 
-NonBlank = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+NonBlank = Annotated[str, Field(min_length=1), AfterValidator(_not_blank), declares(pattern=NON_BLANK_PATTERN)]
 """A string with at least one non-space character."""
 
 
