@@ -1,5 +1,5 @@
 import sys
 
-from api.worker import main
+from api.worker.cli import main
 
 sys.exit(main(sys.argv[1:]))

@@ -183,7 +183,7 @@ class RealProcessOps:
         self.fork_context: multiprocessing.context.BaseContext | None = None
         if self.method == "forkserver":
             self.fork_context = multiprocessing.get_context("forkserver")
-            self.fork_context.set_forkserver_preload(["api.worker", "api.forked"])
+            self.fork_context.set_forkserver_preload(["api.worker.cli", "api.forked"])
 
     def worker_arguments(self, spec: WorkerSpec, sentinel: Path) -> list[str]:
         return ["--worker-id", str(spec.worker_id), "--sentinel", str(sentinel), "--restart-after", str(spec.restart_after)]

@@ -64,12 +64,20 @@ def test_no_wire_format_imports_the_engine() -> None:
     assert offenders(sources("api/wire"), {"api.engine", "gpt4all"}) == {}
 
 
+def test_the_worker_lifecycle_depends_only_on_the_protocol() -> None:
+    """api/worker/lifecycle.py is the worker's state machine: testable without waitress or gpt4all."""
+    imported = imported_modules(ROOT / "api/worker/lifecycle.py")
+    assert {name for name in imported if name.startswith("api.")} <= {"api.protocol"} | {
+        name for name in imported if name.startswith("api.protocol.")}
+    assert not imported & {"waitress", "flask", "gpt4all", "werkzeug"}
+
+
 def test_the_worker_side_never_imports_the_supervisor() -> None:
     assert offenders(sources("api"), {"supervisor"}) == {}
 
 
 @pytest.mark.parametrize(("modules", "absent"), [
-    (["api.app", "api.worker", "api.wire.openai", "api.wire.v0", "api.wire.llm_api", "api.wire.gpt4all_api",
+    (["api.app", "api.worker.cli", "api.wire.openai", "api.wire.v0", "api.wire.llm_api", "api.wire.gpt4all_api",
       "api.wire.responses", "api.wire.anthropic"], ["gpt4all"]),
     (["supervisor.main"], ["gpt4all", "flask", "waitress"]),
 ], ids=["worker-side", "supervisor"])

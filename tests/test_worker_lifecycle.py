@@ -1,4 +1,4 @@
-"""The worker's own life (api.worker.WorkerLifecycle) and the sentinel contract (api.protocol),
+"""The worker's own life (api.worker.lifecycle.WorkerLifecycle) and the sentinel contract (api.protocol),
 without processes: a fake clock, sentinel writes collected in a list."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from api import worker
 from api.protocol import (
     EXIT_DRAINED,
     EXIT_MODEL_LOAD_FAILED,
@@ -20,7 +19,7 @@ from api.protocol import (
     read_sentinel,
     write_sentinel,
 )
-from api.worker import PROGRESS_WRITE_INTERVAL, WorkerLifecycle
+from api.worker.lifecycle import PROGRESS_WRITE_INTERVAL, TRANSITIONS, WorkerLifecycle
 
 
 class Clock:
@@ -62,15 +61,12 @@ def serve(lifecycle: WorkerLifecycle, clock: Clock, *, generations: int = 1, sta
           seconds: float = 0.1) -> SimpleNamespace:
     """One HTTP request that runs `generations` inferences, as a waitress task would."""
     current = task(status)
-    worker._current.task = current
-    try:
+    with lifecycle.serving(current):
         for _ in range(generations):
             lifecycle.inference_started()
             clock.now += seconds
             lifecycle.progress()
             lifecycle.inference_finished()
-    finally:
-        worker._current.task = None
     lifecycle.request_finished(current)  # type: ignore[arg-type]
     return current
 
@@ -107,11 +103,8 @@ def test_a_worker_told_to_drain_while_waiting_at_the_gate_never_accepts() -> Non
 def test_a_request_that_will_recycle_the_worker_drains_at_its_start() -> None:
     lifecycle, _clock, recorder = make(restart_after=1)
     current = task()
-    worker._current.task = current
-    try:
+    with lifecycle.serving(current):
         lifecycle.inference_started()
-    finally:
-        worker._current.task = None
     assert recorder.last.state is WorkerState.DRAINING and recorder.last.generating
     assert recorder.accepting[-1] is False
     assert lifecycle.closes_connections(), "its response closes the keep-alive connection"
@@ -125,9 +118,8 @@ def test_a_request_that_will_recycle_the_worker_drains_at_its_start() -> None:
 def test_without_a_restart_limit_busy_returns_to_ready() -> None:
     lifecycle, _clock, recorder = make(restart_after=0)
     current = task()
-    worker._current.task = current
-    lifecycle.inference_started()
-    worker._current.task = None
+    with lifecycle.serving(current):
+        lifecycle.inference_started()
     assert recorder.last.state is WorkerState.BUSY and recorder.accepting[-1] is False
     assert not lifecycle.closes_connections()
     lifecycle.inference_finished()
@@ -156,9 +148,8 @@ def test_a_released_client_does_not_reopen_a_busy_or_draining_worker() -> None:
     lifecycle, _clock, recorder = make(restart_after=1)
     lifecycle.client_connected(1)
     current = task()
-    worker._current.task = current
-    lifecycle.inference_started()
-    worker._current.task = None
+    with lifecycle.serving(current):
+        lifecycle.inference_started()
     lifecycle.client_connected(2)
     lifecycle.client_went_silent(2)  # a silent second connection let go while the first generates
     assert recorder.accepting[-1] is False and recorder.last.state is WorkerState.DRAINING
@@ -208,9 +199,8 @@ def test_busy_returns_to_ready_when_the_model_thread_finishes_after_the_response
     the generation; whichever comes last makes the worker READY again."""
     lifecycle, _clock, recorder = make(restart_after=0)
     current = task()
-    worker._current.task = current
-    lifecycle.inference_started()
-    worker._current.task = None
+    with lifecycle.serving(current):
+        lifecycle.inference_started()
     lifecycle.request_finished(current)  # type: ignore[arg-type]
     assert recorder.last.state is WorkerState.BUSY, "the generation has not reported its end yet"
     lifecycle.inference_finished()
@@ -241,9 +231,8 @@ def test_an_inference_outside_a_task_counts_as_its_own_request() -> None:
 
 def test_progress_heartbeats_are_throttled() -> None:
     lifecycle, clock, recorder = make(restart_after=0)
-    worker._current.task = task()
-    lifecycle.inference_started()
-    worker._current.task = None
+    with lifecycle.serving(task()):
+        lifecycle.inference_started()
     before = len(recorder.written)
     for _ in range(100):  # 100 tokens in 1 s
         clock.now += 0.01
@@ -256,9 +245,8 @@ def test_progress_heartbeats_are_throttled() -> None:
 def test_a_generation_over_request_timeout_recycles_the_worker() -> None:
     lifecycle, clock, recorder = make(restart_after=0, request_timeout=5, stall_timeout=5)
     current = task("504 GATEWAY TIMEOUT")
-    worker._current.task = current
-    lifecycle.inference_started()
-    worker._current.task = None
+    with lifecycle.serving(current):
+        lifecycle.inference_started()
     for _ in range(6):
         clock.now += 1
         lifecycle.progress()
@@ -269,9 +257,8 @@ def test_a_generation_over_request_timeout_recycles_the_worker() -> None:
 
 def test_a_stalled_generation_recycles_the_worker_when_it_ends() -> None:
     lifecycle, clock, _recorder = make(restart_after=0, request_timeout=60, stall_timeout=3)
-    worker._current.task = task()
-    lifecycle.inference_started()
-    worker._current.task = None
+    with lifecycle.serving(task()):
+        lifecycle.inference_started()
     clock.now += 4  # no token for 4 s
     lifecycle.progress()
     lifecycle.inference_finished()
@@ -337,3 +324,12 @@ def test_exit_codes_and_signals_in_words() -> None:
     assert describe_exit(EXIT_SERVED) == "exited with code 10 (served its requests)"
     assert describe_exit(EXIT_MODEL_LOAD_FAILED) == "exited with code 11 (the model could not be loaded)"
     assert describe_exit(1) == "exited with code 1"
+
+
+def test_draining_is_final_and_every_state_can_drain() -> None:
+    assert TRANSITIONS[WorkerState.DRAINING] == frozenset()
+    assert all(WorkerState.DRAINING in allowed for state, allowed in TRANSITIONS.items() if state is not WorkerState.DRAINING)
+    lifecycle, _clock, recorder = make()
+    lifecycle.drain(EXIT_DRAINED, "test")
+    lifecycle.ready()
+    assert lifecycle.state is WorkerState.DRAINING and recorder.accepting[-1] is False
