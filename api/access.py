@@ -51,6 +51,12 @@ def is_docs_path(path: str) -> bool:
     return path in (DOCS_PATH, DOCUMENT_PATH) or path.startswith(DOCS_PATH + "/")
 
 
+def is_open(path: str, *, docs_public: bool) -> bool:
+    """Whether a path needs no API key: the one declaration, read by the workers, the supervisor's
+    fallback and the OpenAPI document alike."""
+    return path in OPEN_PATHS or (docs_public and is_docs_path(path))
+
+
 class AccessPolicy:
     def __init__(self, api_key: str, authorized: Iterable[str], *, docs_public: bool = False) -> None:
         entries = tuple(authorized)
@@ -70,7 +76,7 @@ class AccessPolicy:
             self.check_key(authorization, api_key_header)
 
     def needs_key(self, path: str) -> bool:
-        return not (path in OPEN_PATHS or (self._docs_public and is_docs_path(path)))
+        return not is_open(path, docs_public=self._docs_public)
 
     def check_client(self, remote_addr: str | None) -> None:
         if not self._restricted:

@@ -24,7 +24,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, send_from_di
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from api.access import DOCS_PATH, DOCUMENT_PATH
+from api.access import DOCS_PATH, DOCUMENT_PATH, is_open
 from api.config import Settings
 from api.errors import NotFound
 from api.wire.schemas import ErrorResponse
@@ -57,8 +57,6 @@ class Operation:
     responses: Mapping[int, Reply | tuple[Reply, ...]]
     request: type[BaseModel] | None = None
     description: str = ""
-    public: bool = False
-    """Needs no API key."""
     errors: Mapping[int, str] = field(default_factory=dict)
     """Error statuses of this route beyond the ones every route may answer."""
     path_params: Mapping[str, str] = field(default_factory=dict)
@@ -66,11 +64,11 @@ class Operation:
 
 
 def documented(summary: str, *, tags: tuple[str, ...], responses: Mapping[int, Reply | tuple[Reply, ...]],
-               request: type[BaseModel] | None = None, description: str = "", public: bool = False,
+               request: type[BaseModel] | None = None, description: str = "",
                errors: Mapping[int, str] | None = None, path_params: Mapping[str, str] | None = None,
                error_model: type[BaseModel] = ErrorResponse) -> Callable[[F], F]:
     """Attach the OpenAPI description of a view. Put it under the route decorators."""
-    operation = Operation(summary, tags, responses, request, description, public, errors or {}, path_params or {}, error_model)
+    operation = Operation(summary, tags, responses, request, description, errors or {}, path_params or {}, error_model)
 
     def attach(view: F) -> F:
         view.openapi = operation  # type: ignore[attr-defined]
@@ -160,7 +158,7 @@ def _responses(operation: Operation, refs: Mapping[Any, dict[str, Any]], keyed: 
     if operation.request is not None:
         errors.setdefault(400, _ERROR_TEXT[400])
         errors.setdefault(413, _ERROR_TEXT[413])
-    if keyed and not operation.public:
+    if keyed:
         errors.setdefault(401, _ERROR_TEXT[401])
     errors.setdefault(403, _ERROR_TEXT[403])
     errors.setdefault(500, _ERROR_TEXT[500])
@@ -217,8 +215,9 @@ def build_document(app: Flask, settings: Settings) -> dict[str, Any]:
                                     "description": operation.path_params.get(name, "")} for name in arguments]
         if operation.request is not None:
             entry["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[operation.request]}}}
-        entry["responses"] = _responses(operation, refs, keyed)
-        if keyed and operation.public:
+        needs_key = keyed and not is_open(path, docs_public=settings.docs_public)
+        entry["responses"] = _responses(operation, refs, needs_key)
+        if keyed and not needs_key:
             entry["security"] = []
         paths.setdefault(path, {})[method] = entry
 

@@ -17,6 +17,7 @@ from flask.testing import FlaskClient
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 
+from api.access import OPEN_PATHS
 from api.app import create_app
 from api.config import load_settings
 from api.openapi import openapi_path
@@ -424,3 +425,15 @@ def test_access_refusals_match_the_document_too(tmp_path: Path) -> None:
         assert response.status_code == 401
         schema = document["paths"][template or path][method]["responses"]["401"]["content"]["application/json"]["schema"]
         validate_json(document, schema, response.get_json(), f"{method} {path}")
+
+
+def test_the_open_paths_are_real_routes_and_the_document_marks_exactly_those_open(tmp_path: Path) -> None:
+    """api.access.OPEN_PATHS is the one declaration of what needs no key (the supervisor's fallback
+    reads it too, without Flask): each entry is a route, and the document says so of it alone."""
+    app = make_app(tmp_path, API_KEY=KEY)
+    rules = {rule.rule for rule in app.url_map.iter_rules()}
+    assert rules >= OPEN_PATHS
+    document = document_of(app.test_client(), **{"X-Api-Key": KEY})
+    open_in_document = {path for path, operations in document["paths"].items()
+                        if all(operation.get("security") == [] for operation in operations.values())}
+    assert open_in_document == set(OPEN_PATHS)

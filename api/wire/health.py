@@ -12,7 +12,7 @@ blueprint = Blueprint("health", __name__)
 
 
 @blueprint.get("/health")
-@documented("Health of this worker (no API key needed)", tags=("Health",), public=True,
+@documented("Health of this worker (no API key needed)", tags=("Health",),
             description="What supervisors and load balancers probe.",
             responses={200: Reply("The model is loaded.", schemas.Health),
                        503: Reply("The model is loading, or failed to load (`reason`).", schemas.Health,

@@ -89,7 +89,7 @@ def embeddings() -> Response:
 
 
 @blueprint.get("/check")
-@documented("Status check (LLM API; no API key needed)", tags=TAGS, public=True,
+@documented("Status check (LLM API; no API key needed)", tags=TAGS,
             responses={200: Reply('Always the JSON string "Ok" while the server answers.', {"const": "Ok"})})
 def check() -> Response:
     return jsonify("Ok")

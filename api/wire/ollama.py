@@ -165,7 +165,7 @@ def _listing(model: InstalledModel, metadata: dict[str, Any]) -> dict[str, objec
 
 
 @blueprint.get("/")
-@documented("Ollama's liveness check (no API key needed)", tags=TAGS, public=True, error_model=schemas.OllamaError,
+@documented("Ollama's liveness check (no API key needed)", tags=TAGS, error_model=schemas.OllamaError,
             responses={200: Reply(f'Always "{RUNNING_MESSAGE}" while the server answers (HEAD too).', {"type": "string"},
                                   media_type="text/plain")})
 def root() -> Response:
@@ -173,7 +173,7 @@ def root() -> Response:
 
 
 @blueprint.get("/api/version")
-@documented("The version of Ollama's API this server follows (no API key needed)", tags=TAGS, public=True,
+@documented("The version of Ollama's API this server follows (no API key needed)", tags=TAGS,
             error_model=schemas.OllamaError, responses={200: Reply("The version.", schemas.OllamaVersion)})
 def version() -> Response:
     return jsonify({"version": OLLAMA_VERSION})

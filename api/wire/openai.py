@@ -368,7 +368,7 @@ def retrieve_engine(engine_id: str) -> Response:
 
 @blueprint.get("/health")
 @blueprint.get("/health/")
-@documented("Health check of the FastAPI GPT4All server (no API key needed)", tags=("Health",), public=True,
+@documented("Health check of the FastAPI GPT4All server (no API key needed)", tags=("Health",),
             responses={200: Reply("Ready.", schemas.HealthStatus),
                        503: Reply("The model is loading (or failed to load).", schemas.HealthStatus,
                                   headers={"Retry-After": "Seconds to wait."})})
