@@ -26,10 +26,10 @@ from flask import Blueprint, Response, jsonify
 from api.errors import ApiError, InvalidRequest
 from api.generation import Generation, GenerationRequest, Outcome
 from api.model_names import model_id
-from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.sampling import SamplingParams
 from api.wire import anthropic_schemas as schemas
 from api.wire.common import client_disconnected, closing, error_reply, json_body, runtime, sse_response, stop_strings
+from api.wire.operation import GENERATION_ERRORS, Reply, documented
 from api.wire.validation import parse
 
 blueprint = Blueprint("anthropic", __name__)

@@ -15,9 +15,9 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 
 from api.generation import GenerationRequest, Outcome
-from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.wire import schemas
 from api.wire.common import client_disconnected, closing, json_body, runtime, sampling_from
+from api.wire.operation import GENERATION_ERRORS, Reply, documented
 from api.wire.validation import parse
 
 

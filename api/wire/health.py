@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from api.openapi import Reply, documented
 from api.wire import schemas
 from api.wire.common import runtime
+from api.wire.operation import Reply, documented
 
 blueprint = Blueprint("health", __name__)
 

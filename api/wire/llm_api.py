@@ -20,9 +20,9 @@ from flask import Blueprint, Response, jsonify
 
 from api.errors import ApiError
 from api.generation import Generation, GenerationRequest
-from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.wire import schemas
 from api.wire.common import client_disconnected, closing, json_body, runtime, sampling_from, sse_response, stop_strings
+from api.wire.operation import GENERATION_ERRORS, Reply, documented
 from api.wire.validation import parse
 
 blueprint = Blueprint("llm_api", __name__)

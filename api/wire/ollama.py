@@ -37,10 +37,10 @@ from api.errors import ApiError, InvalidRequest, ModelNotFound
 from api.generation import Generation, GenerationRequest, Outcome
 from api.gguf_file import SPECIAL_TOKEN_TEXT_KEYS, GGUFFormatError, read_gguf_header, read_metadata, read_tensor_infos
 from api.model_names import InstalledModel, ModelNameError, file_name_for, model_id
-from api.openapi import Reply, documented
 from api.sampling import SamplingParams
 from api.wire import ollama_schemas as schemas
 from api.wire.common import client_disconnected, closing, error_reply, json_body, runtime, stop_strings
+from api.wire.operation import Reply, documented
 from api.wire.validation import parse
 
 log = logging.getLogger("api.wire.ollama")

@@ -22,10 +22,10 @@ from api.errors import ApiError, InvalidRequest, ModelNotFound
 from api.generation import Generation, GenerationRequest, Outcome
 from api.model_download import DISABLED_MESSAGE, DownloadDisabled
 from api.model_names import InstalledModel, ModelNameError, file_name_for, model_id
-from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.sampling import SamplingParams
 from api.wire import schemas
 from api.wire.common import client_disconnected, downloader, json_body, runtime, sampling_from, sse_event, sse_response, stop_strings
+from api.wire.operation import GENERATION_ERRORS, Reply, documented
 from api.wire.validation import parse
 
 blueprint = Blueprint("openai", __name__)

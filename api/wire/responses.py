@@ -21,11 +21,11 @@ from flask import Blueprint, Response, jsonify
 from api.errors import ApiError, InvalidRequest
 from api.generation import Generation, GenerationRequest, Outcome
 from api.model_names import model_id
-from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.sampling import SamplingParams
 from api.wire import responses_schemas as schemas
 from api.wire.common import client_disconnected, closing, json_body, runtime, sse_event, sse_response
 from api.wire.openai import ROLES
+from api.wire.operation import GENERATION_ERRORS, Reply, documented
 from api.wire.validation import parse
 
 blueprint = Blueprint("responses", __name__)

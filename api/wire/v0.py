@@ -18,9 +18,9 @@ from flask import Blueprint, Response, jsonify
 from api.errors import ApiError, ModelNotFound
 from api.generation import GenerationRequest
 from api.model_download import model_file_name, resolve_folder
-from api.openapi import GENERATION_ERRORS, Reply, documented
 from api.wire import schemas
 from api.wire.common import client_disconnected, downloader, json_body, runtime, sampling_from
+from api.wire.operation import GENERATION_ERRORS, Reply, documented
 from api.wire.validation import parse
 
 blueprint = Blueprint("v0", __name__)
