@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from api.errors import InvalidRequest
 from api.model_names import REQUESTED_MODEL_FILE_SCHEMA, ModelNameError, file_name_for
 from api.wire import schemas
-from api.wire.openai import apply_prompt_template
+from api.wire.openai_chat import apply_prompt_template
 from api.wire.validation import NON_BLANK_PATTERN, WHITESPACE, field_path, parse
 
 HI = [{"role": "user", "content": "a"}]

@@ -1,4 +1,4 @@
-"""OpenAI's Responses API, stateless: POST /v1/responses (mounted under /v1 beside api/wire/openai.py).
+"""OpenAI's Responses API, stateless: POST /v1/responses (mounted under /v1 beside api/wire/openai_chat.py).
 
 A thin adapter: `input` (a string, or message items with text content) and `instructions` become
 chat messages for the generation service; the reply comes back as one output message. Shapes follow
@@ -24,7 +24,7 @@ from api.model_names import model_id
 from api.sampling import SamplingParams
 from api.wire import responses_schemas as schemas
 from api.wire.common import client_disconnected, closing, json_body, runtime, sse_event, sse_response
-from api.wire.openai import ROLES
+from api.wire.openai_chat import ROLES
 from api.wire.operation import GENERATION_ERRORS, Reply, documented
 from api.wire.validation import parse
 
