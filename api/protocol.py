@@ -124,7 +124,7 @@ class Sentinel:
     worker_id: int
     pid: int
     state: WorkerState
-    requests_served: int = 0
+    requests_served: int = 0  # answered with success (2xx/3xx): what tells the supervisor the model works
     generating: bool = False  # an inference is running right now
     inferences: int = 0  # inferences started (one HTTP request may run several: OpenAI's n)
     progress: int = 0  # bumped (at most every PROGRESS_WRITE_INTERVAL) while tokens come

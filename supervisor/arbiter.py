@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from api.config import ConfigError, Settings
-from api.protocol import CLEAN_EXITS, EXIT_SERVED, Command, Sentinel, WorkerState, describe_exit, describe_failure_for_clients
+from api.protocol import CLEAN_EXITS, Command, Sentinel, WorkerState, describe_exit, describe_failure_for_clients
 from supervisor.policy import Backoff, restart_after_with_jitter
 
 log = logging.getLogger("supervisor")
@@ -379,7 +379,7 @@ class Arbiter:
         elif code in CLEAN_EXITS:
             reason = handle.sentinel.reason if handle.sentinel and handle.sentinel.reason else how
             log.info("%s exited after serving %d request(s): %s", handle.name, handle.served, reason)
-            if code == EXIT_SERVED or handle.served:
+            if handle.served:  # it answered with success: the model works
                 self.backoff.reset()
         else:
             detail = f": {handle.sentinel.reason}" if handle.sentinel and handle.sentinel.reason else ""

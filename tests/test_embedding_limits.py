@@ -50,7 +50,7 @@ def test_an_embedding_request_over_request_timeout_gets_a_504_and_its_worker_is_
     assert response.json()["error"]["code"] == "timeout"
     assert "REQUEST_TIMEOUT" in response.json()["error"]["message"]
     pid = int(response.headers["X-Worker-Pid"])
-    recycled = re.compile(rf"\(pid {pid}\) exited after serving 1 request\(s\): "
+    recycled = re.compile(rf"\(pid {pid}\) exited after serving 0 request\(s\): "
                           r"(a generation ran past REQUEST_TIMEOUT|an inference request ended with 504)")
     service.wait_for(lambda: recycled.search(service.log()), 10, "the timed-out worker to be recycled")
     assert "seems hung" not in service.log(), "the worker stopped the embedding itself: no kill needed"

@@ -464,6 +464,25 @@ def test_recovery_resets_the_backoff_after_a_served_request() -> None:
     assert len(h.ops.alive()) == 2, "back to full size at once"
 
 
+def test_a_worker_that_answered_only_failures_does_not_reset_the_backoff() -> None:
+    """A worker that exits as planned after its one request (restart per request) but answered it
+    with a 500 has not shown that the model works: the failures before it still count."""
+    h = Harness(RESTART_BACKOFF_MAX=4, RESTART_AFTER_REQUESTS=1)
+    h.tick()
+    for _ in range(3):
+        fail_booting(h)
+        h.run(5)
+    failures = h.arbiter.backoff.failures
+    assert failures >= 3
+    child = h.ops.alive()[0]
+    child.become_ready()
+    h.tick()
+    child.report(WorkerState.DRAINING, requests_served=0)  # its request ended with a 500
+    child.returncode = EXIT_SERVED
+    h.tick()
+    assert h.arbiter.backoff.failures == failures
+
+
 MODEL_GONE = ("the model m.gguf could not be loaded: configuration error: MODEL_NAME='m.gguf' is invalid: "
               "expected a model file in MODEL_PATH (/srv/llm/models); no such file")
 

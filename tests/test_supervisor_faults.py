@@ -187,7 +187,7 @@ def test_a_generation_over_request_timeout_gets_a_504_and_its_worker_is_recycled
     assert response.json()["error"]["code"] == "timeout"
     assert 1.4 < time.monotonic() - started < 4
     pid = int(response.headers["X-Worker-Pid"])
-    recycled = re.compile(rf"\(pid {pid}\) exited after serving 1 request\(s\): "
+    recycled = re.compile(rf"\(pid {pid}\) exited after serving 0 request\(s\): "
                           r"(a generation ran past REQUEST_TIMEOUT|an inference request ended with 504)")
     service.wait_for(lambda: recycled.search(service.log()), 5, "the timed-out worker to be recycled")
     next_pid = service.chat(timeout=10).headers["X-Worker-Pid"]

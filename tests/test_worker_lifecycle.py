@@ -333,3 +333,16 @@ def test_draining_is_final_and_every_state_can_drain() -> None:
     lifecycle.drain(EXIT_DRAINED, "test")
     lifecycle.ready()
     assert lifecycle.state is WorkerState.DRAINING and recorder.accepting[-1] is False
+
+
+def test_a_failed_request_is_answered_but_not_counted_as_served() -> None:
+    """The sentinel's requests_served tells the supervisor the model works: a 500 must not say so,
+    yet the worker is as free again as after a success."""
+    lifecycle, clock, recorder = make(restart_after=0)
+    serve(lifecycle, clock, status="500 INTERNAL SERVER ERROR")
+    assert recorder.last.requests_served == 0
+    lifecycle, clock, recorder = make(restart_after=0)
+    serve(lifecycle, clock, status="400 BAD REQUEST")
+    assert recorder.last.requests_served == 0 and recorder.last.state is WorkerState.READY
+    serve(lifecycle, clock)
+    assert recorder.last.requests_served == 1

@@ -82,7 +82,8 @@ class WorkerLifecycle:
         self.exit_code: int | None = None  # set once DRAINING: the code to exit with
         self.control_port: int | None = None
         self.requests_started = 0  # inference requests begun (HTTP requests that touched a model)
-        self.requests_served = 0  # ... and answered
+        self.requests_answered = 0  # ... and answered, whatever the answer
+        self.requests_served = 0  # ... and answered with success (2xx/3xx): what the sentinel reports
         self.generations = 0  # inferences running now
         self.inferences_started = 0
         self.progress_count = 0
@@ -259,14 +260,16 @@ class WorkerLifecycle:
         if self.restart_after and self.requests_started >= self.restart_after:
             self.drain(EXIT_SERVED, f"served RESTART_AFTER_REQUESTS ({self.restart_after}) inference request(s)")
 
-    def _request_ended(self) -> None:
-        self.requests_served += 1
+    def _request_ended(self, succeeded: bool = True) -> None:
+        self.requests_answered += 1
+        if succeeded:
+            self.requests_served += 1
         self._ready_if_idle()
 
     def _ready_if_idle(self) -> None:
         """Back to READY once every request is answered and every generation has ended. The
         request thread and the model thread finish in either order; the later one gets here."""
-        if self.state is WorkerState.BUSY and self.requests_served >= self.requests_started and not self.generations:
+        if self.state is WorkerState.BUSY and self.requests_answered >= self.requests_started and not self.generations:
             self._become(WorkerState.READY)
 
     @contextlib.contextmanager
@@ -285,7 +288,7 @@ class WorkerLifecycle:
         with self._lock:
             if task.status[:3] in {"500", "504"}:
                 self.drain(EXIT_DRAINED, f"an inference request ended with {task.status}")
-            self._request_ended()
+            self._request_ended(succeeded=task.status[:1] in {"2", "3"})
             self.report()
         self.changed.set()
 
@@ -308,4 +311,4 @@ class WorkerLifecycle:
 
     def idle(self) -> bool:
         with self._lock:
-            return self.generations == 0 and self.requests_served >= self.requests_started
+            return self.generations == 0 and self.requests_answered >= self.requests_started
