@@ -48,7 +48,7 @@ def http_api_error(error: HTTPException) -> ApiError:
 
 def create_app(settings: Settings, runtime: Runtime) -> Flask:
     from api.openapi import create_blueprint as docs_blueprint
-    from api.wire import anthropic, gpt4all_api, health, llm_api, ollama, openai_chat, openai_models, responses, v0
+    from api.wire import anthropic, health, llm_api, ollama, openai_chat, openai_models, original, responses, v0
 
     app = Flask("api")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -90,7 +90,7 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
         return render_error(EngineFailure("internal error; see the server log"))
 
     app.register_blueprint(health.blueprint)
-    app.register_blueprint(gpt4all_api.create_blueprint(settings.route))
+    app.register_blueprint(original.create_blueprint(settings.route))
     app.register_blueprint(openai_chat.blueprint, url_prefix="/v1")
     app.register_blueprint(openai_models.blueprint, url_prefix="/v1")
     app.register_blueprint(responses.blueprint, url_prefix="/v1")

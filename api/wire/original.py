@@ -44,7 +44,7 @@ def _summary(reply: str, model: str, outcome: Outcome) -> dict[str, object]:
 
 
 def create_blueprint(route: str) -> Blueprint:
-    blueprint = Blueprint("gpt4all_api", __name__)
+    blueprint = Blueprint("original", __name__)
 
     @blueprint.post(route)
     @documented(
