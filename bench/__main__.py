@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import concurrency, growth, measure, memory, overhead, recovery, restart
 from bench.daemon import Launcher, threads_chosen_by_daemon
-from tests.servers import REPO
+from testing.servers import REPO
 
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SCENARIOS = ("overhead", "growth", "restart", "concurrency", "recovery", "memory")

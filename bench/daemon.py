@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from api.config import Settings, load_settings
-from tests.servers import PYTHON, ServerProcess, Service, base_env, free_port
+from testing.servers import PYTHON, ServerProcess, Service, base_env, free_port
 
 StartDaemon = Callable[..., AbstractContextManager[Service]]  # Launcher.start: settings in, a ready daemon out
 

@@ -17,7 +17,7 @@ import psutil
 from api.gguf_file import read_metadata
 from bench.daemon import StartDaemon
 from bench.measure import post_json
-from tests.servers import Service
+from testing.servers import Service
 
 ONE_REQUEST = {"messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0, "max_tokens": 8}
 LAYOUTS = ((1, 0), (1, 1), (2, 0), (2, 1))  # (WORKERS, WARM_SPARES)

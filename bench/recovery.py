@@ -20,7 +20,7 @@ import psutil
 from bench.daemon import StartDaemon
 from bench.measure import post_json
 from supervisor.arbiter import Timing
-from tests.servers import Service
+from testing.servers import Service
 
 ONE_TOKEN = {"messages": [{"role": "user", "content": "Name three colours."}], "temperature": 0, "max_tokens": 1}
 COUNTING = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10", "max_tokens": 1500, "temperature": 0}  # runs until killed

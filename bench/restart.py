@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from bench.daemon import StartDaemon, threads_chosen_by_daemon
 from bench.measure import post_json
-from tests.servers import Service
+from testing.servers import Service
 
 BODY = {"messages": [{"role": "user", "content": "Name three colours."}], "temperature": 0, "max_tokens": 16}
 PAUSE_BETWEEN_BLOCKS = 1.0  # a replacement finishes loading before the next daemon's turn

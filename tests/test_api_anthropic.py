@@ -1,6 +1,6 @@
 """Anthropic's Messages API (POST /v1/messages, /v1/messages/count_tokens), through the official
 `anthropic` client and raw HTTP, on a real worker with the tiny models (exact replies: see
-tests/tiny_models.py).
+testing/tiny_models.py).
 
 This `anthropic` release no longer has sampling arguments on messages.create; the API still takes
 them, so the tests send them as `extra_body`, as a client of that release would.
@@ -16,10 +16,9 @@ import anthropic
 import pytest
 import requests
 
-from tests.conftest import tiny_settings
-from tests.servers import ServerProcess, start_worker
-from tests.test_openapi import make_app
-from tests.tiny_models import TINY_CHAT_REPLY
+from testing.apps import make_app
+from testing.servers import ServerProcess, start_worker
+from testing.tiny_models import TINY_CHAT_REPLY, tiny_settings
 
 HI = [{"role": "user", "content": "Hi"}]
 HI_PROMPT_TOKENS = 3 + len("user\nHi\nassistant\n")  # 3 special tokens, one token per byte

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import tiny_settings
-from tests.servers import ServerProcess, start_worker
-from tests.tiny_models import TINY_CHAT_REPLY
+from testing.servers import ServerProcess, start_worker
+from testing.tiny_models import TINY_CHAT_REPLY, tiny_settings
 
 ENDLESS = {"prompt": "0", "temperature": 0, "max_tokens": 100_000_000, "stream": True}  # digits forever
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import tiny_settings
-from tests.servers import ServerProcess, start_worker
-from tests.tiny_models import TINY_RAW_TEMPLATE, build_tiny_chat_model
+from testing.servers import ServerProcess, start_worker
+from testing.tiny_models import TINY_RAW_TEMPLATE, build_tiny_chat_model, tiny_settings
 
 COUNTER = "tiny-counter.gguf"
 COUNT = [{"role": "user", "content": "0"}]

@@ -20,12 +20,9 @@ import requests
 from langchain_ollama import ChatOllama, OllamaEmbeddings, OllamaLLM
 
 from api.wire.ollama import human_number
-from tests.conftest import TINY_CHAT, TINY_EMBED, tiny_settings
-from tests.servers import ServerProcess, Service, start_worker
-from tests.test_bundled_e2e import QUESTION, cosine
-from tests.test_bundled_e2e import bundled_worker as bundled_worker  # the fixture, shared
-from tests.test_supervisor_e2e import start_service as start_service  # the fixture, shared
-from tests.tiny_models import TINY_CHAT_REPLY, TINY_CHAT_TEMPLATE, TINY_EMBEDDING_DIM
+from testing.assertions import QUESTION, cosine
+from testing.servers import ServerProcess, Service, start_worker
+from testing.tiny_models import TINY_CHAT, TINY_CHAT_REPLY, TINY_CHAT_TEMPLATE, TINY_EMBED, TINY_EMBEDDING_DIM, tiny_settings
 
 KEY = "ollama-key"
 HELLO = [{"role": "user", "content": "Hello!"}]

@@ -10,9 +10,9 @@ import openai
 import pytest
 import requests
 
-from tests.servers import ServerProcess
-from tests.test_api_original import assert_json_error
-from tests.tiny_models import TINY_CHAT_REPLY
+from testing.assertions import assert_json_error
+from testing.servers import ServerProcess
+from testing.tiny_models import TINY_CHAT_REPLY
 
 USER_HI = [{"role": "user", "content": "Hi"}]
 

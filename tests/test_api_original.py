@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import requests
 
-from tests.servers import ServerProcess
-from tests.tiny_models import TINY_CHAT_REPLY
+from testing.assertions import assert_json_error
+from testing.servers import ServerProcess
+from testing.tiny_models import TINY_CHAT_REPLY
 
 
 def post(worker: ServerProcess, body: object, **kwargs: object) -> requests.Response:
@@ -48,12 +49,6 @@ def test_streamed_reply(tiny_worker: ServerProcess) -> None:
     assert len(pieces) > 1
 
 
-def assert_json_error(response: requests.Response, status: int, mentions: str) -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"].startswith("application/json")
-    error = response.json()["error"]
-    assert mentions in error["message"], error
-    assert "Traceback" not in response.text
 
 
 def test_missing_prompt(tiny_worker: ServerProcess) -> None:

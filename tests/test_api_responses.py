@@ -1,5 +1,5 @@
 """OpenAI's Responses API (POST /v1/responses), through the official `openai` client and raw HTTP,
-on a real worker with the tiny models (exact replies: see tests/tiny_models.py)."""
+on a real worker with the tiny models (exact replies: see testing/tiny_models.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import openai
 import pytest
 import requests
 
-from tests.servers import ServerProcess
-from tests.test_openapi import make_app
-from tests.tiny_models import TINY_CHAT_REPLY
+from testing.apps import make_app
+from testing.servers import ServerProcess
+from testing.tiny_models import TINY_CHAT_REPLY
 
 HI_PROMPT_TOKENS = 3 + len("user\nHi\nassistant\n")  # 3 special tokens, one token per byte
 STREAM_EVENTS = ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 from bench.__main__ import SCENARIOS
-from tests.servers import REPO, base_env, cmdline_text
-from tests.test_supervisor_e2e import processes_naming
-from tests.tiny_models import build_tiny_chat_model
+from testing.servers import REPO, base_env, cmdline_text, processes_naming
+from testing.tiny_models import build_tiny_chat_model
 
 
 def run_bench(tmp_path: Path, *args: str) -> subprocess.Popen[str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
@@ -11,24 +9,14 @@ import openai
 import pytest
 import requests
 
-from install.bundled_models import CHAT_MODEL_NAME, EMBEDDING_MODEL_NAME, prepare_default_models
-from tests.servers import REPO, ServerProcess, start_worker
+from install.bundled_models import CHAT_MODEL_NAME, EMBEDDING_MODEL_NAME
+from testing.assertions import QUESTION, cosine
+from testing.servers import ServerProcess
 
 pytestmark = pytest.mark.bundled
 
-QUESTION = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module")
-def bundled_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    model_dir = REPO / "models"
-    prepare_default_models(model_dir)  # what ./start.sh does; a no-op when already prepared
-    # One thread: with as many threads as cores, llama.cpp spin-waits and slows 20x whenever the machine is busy
-    worker = start_worker(model_dir, tmp_path_factory.mktemp("bundled"), N_THREADS=1)
-    try:
-        yield worker.wait_ready(timeout=60)
-    finally:
-        assert worker.stop() == []
 
 
 @pytest.fixture
@@ -101,8 +89,6 @@ def test_anthropic_messages_know_the_capital_of_france(bundled_worker: ServerPro
     assert counted.input_tokens == message.usage.input_tokens
 
 
-def cosine(a: list[float], b: list[float]) -> float:
-    return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
 
 def test_paraphrases_are_closer_than_unrelated_texts(client: openai.OpenAI) -> None:

@@ -31,7 +31,7 @@ from install.bundled_models import (
     prepare_default_models,
     prepare_embedding_model,
 )
-from tests.tiny_models import build_tiny_chat_model, build_tiny_embedding_model, tiny_embedding_vocab
+from testing.tiny_models import build_tiny_chat_model, build_tiny_embedding_model, tiny_embedding_vocab
 
 pytestmark = pytest.mark.bundled
 

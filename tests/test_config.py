@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from api.config import FIELDS, PROJECT_ROOT, ConfigError, load_settings, render_env_example
-from tests.servers import REPO, base_env
+from testing.servers import REPO, base_env
 
 
 def test_defaults_are_safe_and_documented(tmp_path: Path) -> None:

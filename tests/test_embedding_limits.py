@@ -13,8 +13,7 @@ from collections.abc import Callable
 
 import requests
 
-from tests.test_supervisor_e2e import Service
-from tests.test_supervisor_e2e import start_service as start_service  # the fixture, shared
+from testing.servers import Service
 
 STALL = 1.0
 HANG_MARGIN = 1.0  # supervisor.arbiter.Timing.hang_margin: how much later than the worker the supervisor acts

@@ -35,11 +35,9 @@ import psutil
 import pytest
 
 from api.protocol import WorkerState
-from tests.conftest import FAULT_LOAD_COUNTS
-from tests.servers import Service
-from tests.test_supervisor_e2e import start_service as start_service  # the fixture, shared
-from tests.test_supervisor_faults import gone
-from tests.tiny_models import TINY_CHAT_REPLY, TINY_EMBEDDING_DIM
+from testing.servers import Service, gone
+from testing.summary import FAULT_LOAD_COUNTS
+from testing.tiny_models import TINY_CHAT_REPLY, TINY_EMBEDDING_DIM
 
 CLIENTS = 4
 CLIENT_TIMEOUT = 15.0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from api.gguf_file import GGUFFormatError, read_metadata
-from tests.tiny_models import TINY_CHAT_TEMPLATE
+from testing.tiny_models import TINY_CHAT_TEMPLATE
 
 
 def test_reads_scalars_template_and_special_token_texts(tiny_model_dir: Path) -> None:

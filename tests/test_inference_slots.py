@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from api.inference_slots import InferenceSlots, Release
-from tests.servers import REPO
+from testing.servers import REPO
 
 HOLD_A_SLOT = """
 import sys, time

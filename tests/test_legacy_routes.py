@@ -7,8 +7,6 @@ model served a request. Its HTTP(S)_PROXY points at a recorder: any outgoing HTT
 from __future__ import annotations
 
 import re
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,35 +16,15 @@ import requests
 
 from api.config import ConfigError, load_settings
 from api.wire.llm_api import token_event
-from tests.conftest import TINY_CHAT, TINY_EMBED, tiny_settings
-from tests.servers import ServerProcess, start_worker
-from tests.test_api_original import assert_json_error
-from tests.tiny_models import TINY_CHAT_REPLY, build_tiny_chat_model, build_tiny_embedding_model
+from testing.assertions import assert_json_error
+from testing.loopback import ConnectionRecorder
+from testing.servers import ServerProcess, start_worker
+from testing.tiny_models import TINY_CHAT, TINY_CHAT_REPLY, TINY_EMBED, build_tiny_chat_model, build_tiny_embedding_model, tiny_settings
 
 TINY_SHORT = "tiny-short.gguf"
 LONG_PROMPT = "word " * 30  # 150 byte tokens: over tiny-short's 64, well within tiny-chat's 512
 
 
-class ConnectionRecorder:
-    """A TCP listener that counts connections (an HTTP proxy nobody should use) and closes them."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            connection.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import TINY_CHAT, TINY_EMBED, tiny_settings
-from tests.servers import ServerProcess, start_worker
-from tests.test_legacy_routes import ConnectionRecorder
-from tests.test_model_download import ModelServer, run_together, standard_server
-from tests.tiny_models import TINY_CHAT_REPLY
+from testing.loopback import ConnectionRecorder, ModelServer, run_together, standard_server
+from testing.servers import ServerProcess, start_worker
+from testing.tiny_models import TINY_CHAT, TINY_CHAT_REPLY, TINY_EMBED, tiny_settings
 
 KEY = "retrieval-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -18,21 +18,14 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 
 from api.access import OPEN_PATHS
-from api.app import create_app
-from api.config import load_settings
 from api.openapi import openapi_path
-from api.runtime import Runtime
-from tests.servers import ServerProcess
+from testing.apps import make_app
+from testing.servers import ServerProcess
 
 KEY = "docs-key"
 SKIPPED_METHODS = {"HEAD", "OPTIONS"}
 
 
-def make_app(tmp_path: Path, **settings: object) -> Flask:
-    values = {"MODEL_PATH": str(tmp_path)}
-    values.update({key: str(value) for key, value in settings.items()})
-    loaded = load_settings(values, env_file=tmp_path / "no.env")
-    return create_app(loaded, Runtime(loaded))  # models never loaded: validation runs before they are needed
 
 
 @pytest.fixture

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_settings
-from tests.servers import PYTHON, REPO, ServerProcess, start_worker
+from testing.servers import PYTHON, REPO, ServerProcess, start_worker
+from testing.tiny_models import tiny_settings
 
 KEY = "fuzz-key"  # with API_KEY set, the access checks (ignored_auth, missing credentials) have work to do
 EXAMPLES_PER_OPERATION = 10
 REPLY_TOKENS_CAP = 16  # the longest reply a generated request gets (tests/schemathesis_hooks.py caps longer ones)
-TINY_EMBEDDING_DIMENSIONS = 32  # tests/tiny_models.py: the tiny BERT's width
+TINY_EMBEDDING_DIMENSIONS = 32  # testing/tiny_models.py: the tiny BERT's width
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, a connection is refused at once
 
 # Every check schemathesis has, but one replaced by a narrower copy of itself: positive_data_acceptance

@@ -17,8 +17,8 @@ import pytest
 import requests
 from gpt4all import GPT4All
 
-from tests.conftest import tiny_settings
-from tests.servers import REPO, ServerProcess, start_worker
+from testing.servers import REPO, ServerProcess, start_worker
+from testing.tiny_models import tiny_settings
 
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n")
 GPT4ALL_NAMES = {"temperature": "temp"}  # the engine's name -> generate()'s, where they differ

@@ -12,7 +12,7 @@ import pytest
 
 from api.sampler_seed import SLOT_FOLDER, claim_slot
 from install.bundled_models import prepare_default_models
-from tests.servers import REPO, base_env
+from testing.servers import REPO, base_env
 
 pytestmark = pytest.mark.bundled
 

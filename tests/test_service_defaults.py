@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import tiny_settings
-from tests.servers import ServerProcess, start_worker
+from testing.servers import ServerProcess, start_worker
+from testing.tiny_models import tiny_settings
 
 DEFAULT_MAX_TOKENS = 7
 

@@ -2,13 +2,12 @@
 restart per request, rolling restart, graceful stop, systemd notifications, logs, refusals.
 
 The `start_service` fixture here is shared with the fault tests in tests/test_supervisor_faults.py;
-`Service` itself lives in tests/servers.py, where the benchmarks use it too. Every test ends with no
+`Service` itself lives in testing/servers.py, where the benchmarks use it too. Every test ends with no
 process of its service left: the fixture checks every process whose command line names the test's folder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -17,7 +16,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,18 +24,11 @@ import psutil
 import pytest
 import requests
 
-from tests.conftest import tiny_settings
-from tests.servers import PYTHON, REPO, ServerProcess, Service, base_env, cmdline_text, environ_text, free_port
-from tests.test_api_http import EXPECT_TOO_LARGE, assert_json_refusal, raw_exchange
-from tests.tiny_models import TINY_CHAT_REPLY
-
-ENDLESS = {"prompt": "count 0", "max_tokens": 100000, "temperature": 0}  # digits until cancelled
+from testing.raw_http import EXPECT_TOO_LARGE, assert_json_refusal, raw_exchange
+from testing.servers import ENDLESS, FAST, PYTHON, REPO, Service, cmdline_text, environ_text, free_port, supervisor_env
+from testing.tiny_models import TINY_CHAT_REPLY
 
 # Short limits so faults are found in about a second (the defaults suit real models).
-FAST = {
-    "HEALTH_INTERVAL": 0.5, "BOOT_TIMEOUT": 20, "STALL_TIMEOUT": 1.5, "REQUEST_TIMEOUT": 30, "KILL_TIMEOUT": 1,
-    "GRACEFUL_TIMEOUT": 5, "RESTART_BACKOFF_MAX": 2,
-}
 
 
 def refuses_connections(port: int) -> bool:
@@ -47,52 +39,10 @@ def refuses_connections(port: int) -> bool:
     return False
 
 
-def processes_naming(folder: Path) -> list[psutil.Process]:
-    """Every live process whose command line or environment names `folder` (the supervisor, its
-    fork server and workers all do: WATCHDOG_TEMPFILE is under it), zombies aside."""
-    found = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if process.pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE and (
-                    str(folder) in cmdline_text(process) or str(folder) in environ_text(process)):
-                found.append(process)
-    return found
 
 
-def supervisor_env(model_dir: Path, folder: Path, port: int, **settings: object) -> dict[str, str]:
-    values = {**tiny_settings(), **FAST, **settings}
-    return base_env(MODEL_PATH=model_dir, LISTEN_PORT=port, WATCHDOG_TEMPFILE=folder / "run",
-                    LOG_FOLDER_NAME=folder / "logs", **values)
 
 
-@pytest.fixture
-def start_service(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    """start_service(**settings) runs a supervisor; all are stopped, and checked for leftovers, after the test."""
-    services: list[Service] = []
-
-    def start(*, wait: bool = True, model_dir: Path = tiny_model_dir, args: tuple[str, ...] = (),
-              env: dict[str, str] | None = None, **settings: object) -> Service:
-        folder = tmp_path / f"service-{len(services)}"
-        port = int(settings.pop("LISTEN_PORT", 0)) or free_port()  # type: ignore[call-overload]
-        environment = supervisor_env(model_dir, folder, port, **settings)
-        environment.update(env or {})
-        folder.mkdir()
-        process = ServerProcess([PYTHON, "watchdog_main.py", *args], environment, port, folder / "console.log").start()
-        service = Service(process, folder)
-        services.append(service)
-        if wait:
-            process.wait_ready(timeout=30)
-        return service
-
-    yield start
-    for service in services:
-        survivors = service.process.stop(timeout=15)
-        assert survivors == [], f"processes left behind: {survivors}"
-    leftovers = processes_naming(tmp_path)
-    for process in leftovers:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    assert leftovers == [], f"processes left behind: {leftovers}"
 
 
 # -- restart after each request, with no gap

@@ -25,18 +25,8 @@ import pytest
 import requests
 
 from api.protocol import WorkerState
-from tests.conftest import TINY_CHAT, TINY_EMBED
-from tests.servers import CHAT
-from tests.test_supervisor_e2e import ENDLESS, Service
-from tests.test_supervisor_e2e import start_service as start_service  # the fixture, shared
-from tests.tiny_models import TINY_CHAT_REPLY, build_tiny_embedding_model, tiny_embedding_vocab
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+from testing.servers import CHAT, ENDLESS, Service, gone
+from testing.tiny_models import TINY_CHAT, TINY_CHAT_REPLY, TINY_EMBED, build_tiny_embedding_model, tiny_embedding_vocab
 
 
 def listeners_on(port: int) -> list[str]:

@@ -27,8 +27,8 @@ from supervisor.logs import LogFileHandler, LogWriter, TaggedFormatter
 from supervisor.main import Waker
 from supervisor.notify import SystemdNotifier
 from supervisor.pidfile import AlreadyRunning, PidFile
-from tests.conftest import tiny_settings
-from tests.servers import start_worker
+from testing.servers import start_worker
+from testing.tiny_models import tiny_settings
 
 
 def test_notify_sends_datagrams_to_a_path_and_to_the_abstract_namespace(tmp_path: Path) -> None:

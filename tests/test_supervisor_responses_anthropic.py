@@ -9,9 +9,8 @@ from collections.abc import Callable
 import anthropic
 import openai
 
-from tests.servers import Service
-from tests.test_supervisor_e2e import start_service  # noqa: F401 - the fixture
-from tests.tiny_models import TINY_CHAT_REPLY
+from testing.servers import Service
+from testing.tiny_models import TINY_CHAT_REPLY
 
 HI = [{"role": "user", "content": "Hi"}]
 GREEDY = {"temperature": 0}
@@ -24,7 +23,7 @@ def assert_fresh_workers(service: Service, pids: list[str]) -> None:
     assert "crash" not in service.log()
 
 
-def test_each_responses_request_meets_a_fresh_worker(start_service: Callable[..., Service]) -> None:  # noqa: F811
+def test_each_responses_request_meets_a_fresh_worker(start_service: Callable[..., Service]) -> None:
     service = start_service()
     responses = openai.OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0).responses
     pids = []
@@ -38,7 +37,7 @@ def test_each_responses_request_meets_a_fresh_worker(start_service: Callable[...
     assert_fresh_workers(service, pids)
 
 
-def test_each_anthropic_request_meets_a_fresh_worker(start_service: Callable[..., Service]) -> None:  # noqa: F811
+def test_each_anthropic_request_meets_a_fresh_worker(start_service: Callable[..., Service]) -> None:
     service = start_service()
     messages = anthropic.Anthropic(base_url=service.url, api_key="unused", max_retries=0).messages
     pids = []

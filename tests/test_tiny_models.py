@@ -1,4 +1,4 @@
-"""The tiny test models load in real gpt4all 2.8.2 and behave exactly as tests/tiny_models.py documents."""
+"""The tiny test models load in real gpt4all 2.8.2 and behave exactly as testing/tiny_models.py documents."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from gpt4all import Embed4All, GPT4All
 from gpt4all._pyllmodel import llmodel
 
 from api.gguf_file import read_gguf_header
-from tests.tiny_models import (
+from testing.tiny_models import (
     IM_END_ID,
     TINY_CHAT_REPLY,
     TINY_CHAT_TEMPLATE,

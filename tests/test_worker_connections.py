@@ -15,10 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import requests
 
-from tests.test_supervisor_e2e import Service
-from tests.test_supervisor_e2e import start_service as start_service  # the fixture, shared
-from tests.test_worker_protocol import Worker
-from tests.test_worker_protocol import start_worker as start_worker  # the fixture, shared
+from testing.servers import Service, Worker
 
 COMPLETION = {"prompt": "count 0", "max_tokens": 1500, "temperature": 0}  # a quarter of a second each
 GET_MODELS = b"GET /v1/models HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -143,7 +140,7 @@ def _closed_cleanly(connection: socket.socket) -> bool:
 
 
 def test_a_request_arriving_as_the_worker_drains_is_answered_or_cleanly_closed_never_reset(
-        start_worker: Callable[..., Worker]) -> None:
+        supervised_worker: Callable[..., Worker]) -> None:
     """A draining worker closes its idle kept-alive connections. A request that reaches one of
     them at that instant must be answered, or meet a connection closed before it was read (end of
     file: the client knows it was not processed and may retry); a reset loses the request without
@@ -151,7 +148,7 @@ def test_a_request_arriving_as_the_worker_drains_is_answered_or_cleanly_closed_n
     sent between them; the race is narrow, so several rounds."""
     outcomes: collections.Counter[str] = collections.Counter()
     for _ in range(6):
-        worker = start_worker(restart_after=0)
+        worker = supervised_worker(restart_after=0)
         worker.wait_state("READY")
         connections: list[socket.socket] = []
         try:

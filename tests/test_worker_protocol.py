@@ -3,85 +3,23 @@ supervisor: a listening socket handed over, commands on stdin, the sentinel file
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
-import pytest
 import requests
 
-from api.protocol import EXIT_DRAINED, EXIT_MODEL_LOAD_FAILED, EXIT_ORPHANED, EXIT_SERVED, EXIT_STOPPED, Sentinel, read_sentinel
-from tests.conftest import TINY_CHAT, TINY_EMBED, tiny_settings
-from tests.servers import PYTHON, REPO, base_env
+from api.protocol import EXIT_DRAINED, EXIT_MODEL_LOAD_FAILED, EXIT_ORPHANED, EXIT_SERVED, EXIT_STOPPED
+from testing.tiny_models import TINY_CHAT, TINY_EMBED
 
 CHAT = {"messages": [{"role": "user", "content": "Hello!"}], "temperature": 0}
 
 
-class Worker:
-    def __init__(self, model_dir: Path, folder: Path, restart_after: int) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.sentinel_path = folder / "worker-1.json"
-        env = base_env(MODEL_PATH=model_dir, WATCHDOG_TEMPFILE=folder, LOG_FOLDER_NAME=folder, **tiny_settings())
-        fd = self.listener.fileno()
-        self.process = subprocess.Popen(
-            [PYTHON, "-m", "api", "--worker-id", "1", "--sentinel", str(self.sentinel_path), "--listen-fd", str(fd),
-             "--parent-pid", str(os.getpid()), "--restart-after", str(restart_after)],
-            pass_fds=(fd,), cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def sentinel(self) -> Sentinel | None:
-        return read_sentinel(self.sentinel_path)
-
-    def wait_state(self, state: str, timeout: float = 20) -> Sentinel:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            sentinel = self.sentinel()
-            if sentinel is not None and sentinel.state.value == state:
-                return sentinel
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.01)
-        raise AssertionError(f"no {state}: {self.sentinel()}, exit {self.process.poll()}, output:\n{self.output()}")
-
-    def send(self, line: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(line.encode() + b"\n")
-        self.process.stdin.flush()
-
-    def output(self) -> str:
-        if self.process.poll() is None or self.process.stdout is None:
-            return ""
-        return self.process.stdout.read().decode(errors="replace")
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(5)
-        self.listener.close()
 
 
-@pytest.fixture
-def start_worker(tiny_model_dir: Path, tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
-    workers: list[Worker] = []
-
-    def start(restart_after: int = 1, model_dir: Path = tiny_model_dir) -> Worker:
-        worker = Worker(model_dir, tmp_path, restart_after)
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        worker.close()
-        assert not psutil.pid_exists(worker.process.pid)
 
 
-def test_ready_worker_serves_and_the_control_port_answers_health(start_worker) -> None:  # type: ignore[no-untyped-def]
-    worker = start_worker(restart_after=0)
+def test_ready_worker_serves_and_the_control_port_answers_health(supervised_worker) -> None:  # type: ignore[no-untyped-def]
+    worker = supervised_worker(restart_after=0)
     sentinel = worker.wait_state("READY")
     assert sentinel.pid == worker.process.pid and sentinel.control_port
     assert requests.get(f"http://127.0.0.1:{sentinel.control_port}/health", timeout=5).json()["status"] == "ready"
@@ -94,8 +32,8 @@ def test_ready_worker_serves_and_the_control_port_answers_health(start_worker) -
     assert sentinel.requests_served == 1 and not sentinel.generating
 
 
-def test_after_its_last_request_the_worker_closes_the_connection_and_exits_served(start_worker) -> None:  # type: ignore[no-untyped-def]
-    worker = start_worker(restart_after=2)
+def test_after_its_last_request_the_worker_closes_the_connection_and_exits_served(supervised_worker) -> None:  # type: ignore[no-untyped-def]
+    worker = supervised_worker(restart_after=2)
     worker.wait_state("READY")
     session = requests.Session()
     first = session.post(worker.url + "/v1/chat/completions", json=CHAT, timeout=10)
@@ -107,8 +45,8 @@ def test_after_its_last_request_the_worker_closes_the_connection_and_exits_serve
     assert worker.sentinel().requests_served == 2  # type: ignore[union-attr]
 
 
-def test_drain_closes_idle_keep_alive_connections_and_exits(start_worker) -> None:  # type: ignore[no-untyped-def]
-    worker = start_worker(restart_after=0)
+def test_drain_closes_idle_keep_alive_connections_and_exits(supervised_worker) -> None:  # type: ignore[no-untyped-def]
+    worker = supervised_worker(restart_after=0)
     worker.wait_state("READY")
     session = requests.Session()
     assert session.get(worker.url + "/v1/models", timeout=5).status_code == 200  # an idle keep-alive connection
@@ -117,15 +55,15 @@ def test_drain_closes_idle_keep_alive_connections_and_exits(start_worker) -> Non
     assert worker.sentinel().reason == "its memory is too big"  # type: ignore[union-attr]
 
 
-def test_stop_stops_listening_and_exits_zero(start_worker) -> None:  # type: ignore[no-untyped-def]
-    worker = start_worker(restart_after=0)
+def test_stop_stops_listening_and_exits_zero(supervised_worker) -> None:  # type: ignore[no-untyped-def]
+    worker = supervised_worker(restart_after=0)
     worker.wait_state("READY")
     worker.send("stop")
     assert worker.process.wait(5) == EXIT_STOPPED
 
 
-def test_end_of_stdin_means_the_supervisor_is_gone(start_worker) -> None:  # type: ignore[no-untyped-def]
-    worker = start_worker(restart_after=0)
+def test_end_of_stdin_means_the_supervisor_is_gone(supervised_worker) -> None:  # type: ignore[no-untyped-def]
+    worker = supervised_worker(restart_after=0)
     worker.wait_state("READY")
     assert worker.process.stdin is not None
     worker.process.stdin.close()
@@ -133,12 +71,12 @@ def test_end_of_stdin_means_the_supervisor_is_gone(start_worker) -> None:  # typ
     assert "the supervisor is gone" in worker.output()
 
 
-def test_a_model_that_cannot_load_exits_with_its_reason(start_worker, tmp_path: Path, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_model_that_cannot_load_exits_with_its_reason(supervised_worker, tmp_path: Path, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
     models = tmp_path / "broken"
     models.mkdir()
     (models / TINY_CHAT).write_bytes(b"not a model at all" * 100)
     (models / TINY_EMBED).write_bytes((tiny_model_dir / TINY_EMBED).read_bytes())
-    worker = start_worker(model_dir=models)
+    worker = supervised_worker(model_dir=models)
     assert worker.process.wait(20) == EXIT_MODEL_LOAD_FAILED
     sentinel = worker.sentinel()
     assert sentinel is not None and sentinel.state.value == "BOOTING" and "could not be loaded" in sentinel.reason

@@ -22,6 +22,7 @@ import psutil
 import requests
 
 from api.protocol import Sentinel, is_sentinel_name, read_sentinel
+from testing.tiny_models import tiny_settings
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -229,3 +230,91 @@ def start_worker(model_dir: Path, tmp_path: Path, **settings: object) -> ServerP
     env = base_env(MODEL_PATH=model_dir, LISTEN_PORT=port, LOG_FOLDER_NAME=tmp_path / "logs",
                    WATCHDOG_TEMPFILE=tmp_path / "run", **settings)
     return ServerProcess([PYTHON, "-m", "api"], env, port, tmp_path / f"worker-{port}.log").start()
+
+
+
+
+ENDLESS = {"prompt": "count 0", "max_tokens": 100000, "temperature": 0}  # digits until cancelled
+
+
+FAST = {
+    "HEALTH_INTERVAL": 0.5, "BOOT_TIMEOUT": 20, "STALL_TIMEOUT": 1.5, "REQUEST_TIMEOUT": 30, "KILL_TIMEOUT": 1,
+    "GRACEFUL_TIMEOUT": 5, "RESTART_BACKOFF_MAX": 2,
+}
+
+
+def processes_naming(folder: Path) -> list[psutil.Process]:
+    """Every live process whose command line or environment names `folder` (the supervisor, its
+    fork server and workers all do: WATCHDOG_TEMPFILE is under it), zombies aside."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE and (
+                    str(folder) in cmdline_text(process) or str(folder) in environ_text(process)):
+                found.append(process)
+    return found
+
+
+def supervisor_env(model_dir: Path, folder: Path, port: int, **settings: object) -> dict[str, str]:
+    values = {**tiny_settings(), **FAST, **settings}
+    return base_env(MODEL_PATH=model_dir, LISTEN_PORT=port, WATCHDOG_TEMPFILE=folder / "run",
+                    LOG_FOLDER_NAME=folder / "logs", **values)
+
+
+
+
+class Worker:
+    """A worker started as the supervisor starts one (`--worker-id`, an inherited listening socket,
+    commands on stdin), with no supervisor: its sentinel and exit codes are the test's to read."""
+
+    def __init__(self, model_dir: Path, folder: Path, restart_after: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.sentinel_path = folder / "worker-1.json"
+        env = base_env(MODEL_PATH=model_dir, WATCHDOG_TEMPFILE=folder, LOG_FOLDER_NAME=folder, **tiny_settings())
+        fd = self.listener.fileno()
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "api", "--worker-id", "1", "--sentinel", str(self.sentinel_path), "--listen-fd", str(fd),
+             "--parent-pid", str(os.getpid()), "--restart-after", str(restart_after)],
+            pass_fds=(fd,), cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def sentinel(self) -> Sentinel | None:
+        return read_sentinel(self.sentinel_path)
+
+    def wait_state(self, state: str, timeout: float = 20) -> Sentinel:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sentinel = self.sentinel()
+            if sentinel is not None and sentinel.state.value == state:
+                return sentinel
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.01)
+        raise AssertionError(f"no {state}: {self.sentinel()}, exit {self.process.poll()}, output:\n{self.output()}")
+
+    def send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def output(self) -> str:
+        if self.process.poll() is None or self.process.stdout is None:
+            return ""
+        return self.process.stdout.read().decode(errors="replace")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(5)
+        self.listener.close()
+
+
+
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -262,3 +262,15 @@ def build_tiny_embedding_model(path: Path, *, vocab: Sequence[str] | None = None
 def _write(w: gguf.GGUFWriter, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_gguf(w)
+
+
+TINY_CHAT = "tiny-chat.gguf"
+TINY_EMBED = "tiny-embed.gguf"
+
+
+def tiny_settings(**overrides: object) -> dict[str, object]:
+    """Settings that run a worker or the daemon on the tiny models (in a folder built by the
+    tiny_model_dir fixture), one thread each."""
+    settings: dict[str, object] = {"MODEL_NAME": TINY_CHAT, "EMBEDDING_MODEL_NAME": TINY_EMBED, "N_THREADS": 1}
+    settings.update(overrides)
+    return settings
