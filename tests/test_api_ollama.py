@@ -295,6 +295,8 @@ def test_embed_one_or_many_texts(tiny_worker: ServerProcess) -> None:
     same = post(tiny_worker, "/api/embed", {"model": "tiny-embed", "input": "hello world", "dimensions": 32,
                                             "truncate": False}).json()
     assert same["embeddings"] == one["embeddings"]
+    unset = post(tiny_worker, "/api/embed", {"model": "tiny-embed", "input": "hello world", "dimensions": 0}).json()
+    assert unset["embeddings"] == one["embeddings"]  # 0 is Go's zero value: Ollama's clients mean "not given"
     assert post(tiny_worker, "/api/embed", {"model": "tiny-embed", "input": []}).json()["embeddings"] == []
 
 
@@ -397,6 +399,7 @@ def test_the_official_client_raises_the_404(client: ollama.Client) -> None:
     ("/api/generate", {"model": "tiny-chat", "prompt": "x" * 600, "raw": True}, "context window"),
     ("/api/embed", {"model": "tiny-embed", "input": ["a", ""]}, "'input' must not contain empty strings"),
     ("/api/embed", {"model": "tiny-embed", "input": "a", "dimensions": 8}, "'dimensions' must be 32"),
+    ("/api/embed", {"model": "tiny-embed", "input": [], "dimensions": -1}, "'dimensions' must be at least 0"),
     ("/api/embed", {"model": "tiny-embed", "input": 5}, "'input'"),
     ("/api/show", {}, "'model' is required"),
 ])

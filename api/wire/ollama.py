@@ -447,7 +447,7 @@ def embed() -> Response:
     texts = list(body.input) if isinstance(body.input, list) else [body.input] if body.input else []
     model = _embedding_model(body.model)
     vectors, tokens = runtime().service.embed(model, texts, field="input") if texts else ([], 0)
-    if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):
+    if body.dimensions and vectors and body.dimensions != len(vectors[0]):  # 0: not given (Go's zero value)
         raise InvalidRequest(f"'dimensions' must be {len(vectors[0])} for this model (it cannot be shortened)",
                              param="dimensions")
     return jsonify({"model": body.model, "embeddings": vectors, "total_duration": time.perf_counter_ns() - started_ns,
