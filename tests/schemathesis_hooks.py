@@ -7,13 +7,20 @@ invalid ones as generated, so the server's validation is exercised in full:
   slow the model is (and end as the 504 of REQUEST_TIMEOUT);
 - an embedding request's `dimensions` becomes the dimension of the embedding model the test serves
   (FUZZ_EMBEDDING_DIMENSIONS): any other is a 400 by design (vectors cannot be shortened), and
-  which one is right depends on the model file, not on the request's form.
+  which one is right depends on the model file, not on the request's form;
+- an Ollama `options.num_ctx` above the context window of the model the test serves becomes that
+  window (FUZZ_CONTEXT_WINDOW): a larger one is a 400 by design (a loaded model's window is fixed),
+  and the window depends on the model file and N_CTX, not on the request's form.
 
-And one check, `positive_data_acceptance_within_the_context_window`, which the run uses instead of
-the built-in positive_data_acceptance: the same check, except for the one 400 the OpenAI wire
-format defines for a well-formed request, a prompt longer than the model's context window
-(`code`: context_length_exceeded). That limit is a count of tokens of the rendered prompt, which no
-schema can state; any other 400 for schema-valid data still fails the run.
+And one check, `positive_data_acceptance_of_what_a_schema_can_state`, which the run uses instead of
+the built-in positive_data_acceptance: the same check, except for two 400s for well-formed requests
+that no JSON Schema can state; any other 400 for schema-valid data still fails the run:
+- a prompt longer than the model's context window. That limit is a count of tokens of the rendered
+  prompt. The OpenAI wire format defines it (`code`: context_length_exceeded); Ollama's and
+  Anthropic's error shapes have no code, and carry the engine's message for it (api/engine.py);
+- a Messages API conversation (Anthropic) whose last message is not the user's: continuing an
+  assistant message (prefill) is not supported, and JSON Schema can constrain an array's first
+  items or all of them, never its last one. Recognised from the request itself.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 REPLY_TOKENS_CAP = int(os.environ.get("FUZZ_REPLY_TOKENS_CAP", "16"))
 REPLY_LENGTH_FIELDS = frozenset({"max_tokens", "max_completion_tokens", "n_predict"})
+EMBEDDING_ROUTES = frozenset({"/v1/embeddings", "/api/embed"})
+OLLAMA_GENERATION_ROUTES = frozenset({"/api/chat", "/api/generate"})
+ANTHROPIC_MESSAGES_ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+CONTEXT_WINDOW_MESSAGE = "The prompt does not fit in the model's context window"
 
 
 def _is_positive_integer(value: object) -> bool:
@@ -55,28 +66,54 @@ def cap_reply_lengths(body: Any) -> None:
 
 def serve_the_model_dimensions(body: Any, path: str) -> None:
     dimensions = os.environ.get("FUZZ_EMBEDDING_DIMENSIONS")
-    if path.rstrip("/") == "/v1/embeddings" and dimensions and isinstance(body, dict) \
+    if path.rstrip("/") in EMBEDDING_ROUTES and dimensions and isinstance(body, dict) \
             and _is_positive_integer(body.get("dimensions")):
         body["dimensions"] = int(dimensions)
+
+
+def fit_the_context_window(body: Any, path: str) -> None:
+    window = os.environ.get("FUZZ_CONTEXT_WINDOW")
+    options = body.get("options") if isinstance(body, dict) else None
+    if path.rstrip("/") in OLLAMA_GENERATION_ROUTES and window and isinstance(options, dict) \
+            and _is_positive_integer(options.get("num_ctx")) and options["num_ctx"] > int(window):
+        options["num_ctx"] = int(window)
 
 
 @schemathesis.hook
 def before_call(context: schemathesis.HookContext, case: schemathesis.Case, kwargs: dict[str, Any]) -> None:
     cap_reply_lengths(case.body)
     serve_the_model_dimensions(case.body, case.path)
+    fit_the_context_window(case.body, case.path)
 
 
-def _error_code(response: schemathesis.Response) -> object:
+def _error(response: schemathesis.Response) -> tuple[object, object]:
+    """(code, message) of an error in any of the servers' shapes: OpenAI's {"error": {"code", "message"}},
+    Anthropic's {"type": "error", "error": {"type", "message"}}, Ollama's {"error": "message"}."""
     try:
         body = response.json()
     except ValueError:
-        return None
-    return body.get("error", {}).get("code") if isinstance(body, dict) and isinstance(body.get("error"), dict) else None
+        return None, None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return error.get("code"), error.get("message")
+    return None, error
+
+
+def _is_over_the_context_window(response: schemathesis.Response) -> bool:
+    code, message = _error(response)
+    return code == "context_length_exceeded" or (
+        code is None and isinstance(message, str) and message.startswith(CONTEXT_WINDOW_MESSAGE))
+
+
+def _ends_with_an_assistant_message(case: schemathesis.Case) -> bool:
+    messages = case.body.get("messages") if isinstance(case.body, dict) else None
+    return case.path.rstrip("/") in ANTHROPIC_MESSAGES_ROUTES and isinstance(messages, list) and bool(messages) \
+        and isinstance(messages[-1], dict) and messages[-1].get("role") != "user"
 
 
 @schemathesis.check
-def positive_data_acceptance_within_the_context_window(ctx: schemathesis.CheckContext, response: schemathesis.Response,
-                                                       case: schemathesis.Case) -> bool | None:
-    if response.status_code == 400 and _error_code(response) == "context_length_exceeded":
+def positive_data_acceptance_of_what_a_schema_can_state(ctx: schemathesis.CheckContext, response: schemathesis.Response,
+                                                        case: schemathesis.Case) -> bool | None:
+    if response.status_code == 400 and (_is_over_the_context_window(response) or _ends_with_an_assistant_message(case)):
         return None
     return positive_data_acceptance(ctx, response, case)

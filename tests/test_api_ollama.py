@@ -45,6 +45,19 @@ def chat(worker: ServerProcess, **body: object) -> requests.Response:
     return post(worker, "/api/chat", {"model": "tiny-chat", "messages": HELLO, "stream": False, "options": GREEDY, **body})
 
 
+@pytest.mark.parametrize(("path", "body", "mentions"), [
+    ("/api/chat", {"model": "tiny-embed", "messages": HELLO}, "'tiny-embed' is an embedding model: use /api/embed"),
+    ("/api/chat", {"model": "tiny-embed", "messages": []}, "'tiny-embed' is an embedding model: use /api/embed"),
+    ("/api/generate", {"model": "tiny-embed:latest", "prompt": "Hi"}, "'tiny-embed:latest' is an embedding model"),
+    ("/api/embed", {"model": "tiny-chat", "input": "x"}, "'tiny-chat' is a chat model; embeddings come from tiny-embed:latest"),
+    ("/api/embeddings", {"model": "tiny-chat", "prompt": "x"}, "'tiny-chat' is a chat model; embeddings come from"),
+])
+def test_a_model_of_the_other_kind_is_a_404_that_says_which_to_use(tiny_worker: ServerProcess, path: str, body: dict,
+                                                                    mentions: str) -> None:
+    """Like an unknown model, and as on /v1: which kind a name is depends on the files, not on the request."""
+    assert_ollama_error(post(tiny_worker, path, {"stream": False, **body}), 404, mentions)
+
+
 def ndjson(response: requests.Response) -> list[dict[str, Any]]:
     assert response.status_code == 200, response.text
     assert response.headers["Content-Type"] == "application/x-ndjson"
@@ -279,6 +292,8 @@ def test_embed_one_or_many_texts(tiny_worker: ServerProcess) -> None:
     same = post(tiny_worker, "/api/embed", {"model": "tiny-embed", "input": "hello world", "dimensions": 32,
                                             "truncate": False}).json()
     assert same["embeddings"] == one["embeddings"]
+    unset = post(tiny_worker, "/api/embed", {"model": "tiny-embed", "input": "hello world", "dimensions": 0}).json()
+    assert unset["embeddings"] == one["embeddings"]  # 0 is Go's zero value: Ollama's clients mean "not given"
     assert post(tiny_worker, "/api/embed", {"model": "tiny-embed", "input": []}).json()["embeddings"] == []
 
 
@@ -379,10 +394,9 @@ def test_the_official_client_raises_the_404(client: ollama.Client) -> None:
     ("/api/chat", {"model": "tiny-chat", "messages": "Hello"}, "'messages'"),
     ("/api/chat", {"model": "tiny-chat", "messages": [{"role": "user", "content": "x" * 600}]}, "context window"),
     ("/api/generate", {"model": "tiny-chat", "prompt": "x" * 600, "raw": True}, "context window"),
-    ("/api/chat", {"model": "tiny-embed", "messages": HELLO}, "embedding model"),
-    ("/api/embed", {"model": "tiny-chat", "input": "x"}, "'tiny-chat' is a chat model; embeddings come from tiny-embed:latest"),
     ("/api/embed", {"model": "tiny-embed", "input": ["a", ""]}, "'input' must not contain empty strings"),
     ("/api/embed", {"model": "tiny-embed", "input": "a", "dimensions": 8}, "'dimensions' must be 32"),
+    ("/api/embed", {"model": "tiny-embed", "input": [], "dimensions": -1}, "'dimensions' must be at least 0"),
     ("/api/embed", {"model": "tiny-embed", "input": 5}, "'input'"),
     ("/api/show", {}, "'model' is required"),
 ])

@@ -345,7 +345,8 @@ CASES = [
     _case("post", "/api/generate", {"model": "tiny-chat", "prompt": "Hi", "raw": True, "stream": False}),
     _case("post", "/api/generate", {"model": "tiny-chat", "prompt": "x" * 600, "raw": True}, 400),
     _case("post", "/api/embed", {"model": "tiny-embed", "input": ["a", "b"]}),
-    _case("post", "/api/embed", {"model": "tiny-chat", "input": "a"}, 400),
+    _case("post", "/api/embed", {"model": "tiny-chat", "input": "a"}, 404),
+    _case("post", "/api/embed", {"model": "tiny-embed", "input": ["a", ""]}, 400),
     _case("post", "/api/embeddings", {"model": "tiny-embed", "prompt": "a"}),
     _case("get", "/openapi.json"),
     _case("get", "/docs"),
@@ -430,3 +431,70 @@ def test_the_open_paths_are_real_routes_and_the_document_marks_exactly_those_ope
     open_in_document = {path for path, operations in document["paths"].items()
                         if all(operation.get("security") == [] for operation in operations.values())}
     assert open_in_document == set(OPEN_PATHS)
+
+
+# -- what the routes refuse in a well-formed body, the document refuses too (and nothing more)
+#
+# Each probe is a base body that asks for as little work as possible, and values of one field, some
+# that the route takes and some that it refuses with a 400 of its own (tools, images, a raw prompt
+# with a system message, ...). On a real worker, a body is answered without a 400 exactly when the
+# document admits it, and a 400 names the field.
+
+PROBE_BASES: dict[str, dict[str, Any]] = {
+    "/api/chat": {"model": "tiny-chat", "messages": [], "stream": False},  # no messages: the model is only checked
+    "/api/generate": {"model": "tiny-chat", "prompt": "", "stream": False},
+    "/api/embed": {"model": "tiny-embed"},
+    "/v1/messages": {"messages": HI, "max_tokens": 1},
+    "/v1/messages/count_tokens": {"messages": HI},
+    "/v1/responses": {"input": "Hi", "max_output_tokens": 1},
+}
+UNSUPPORTED_PROBES: list[tuple[str, str, list[object]]] = [
+    ("/api/chat", "tools", [[], [{}], [{"type": "function", "function": {"name": "f"}}]]),
+    ("/api/chat", "format", ["", {}, "json", {"type": "object"}]),
+    ("/api/chat", "think", [False, "", True, "high"]),
+    ("/api/chat", "logprobs", [False, True]),
+    ("/api/chat", "top_logprobs", [0, 0.0, 1]),
+    ("/api/chat", "messages", [[{"role": "user", "content": "Hi", "images": [], "tool_calls": []}],
+                               [{"role": "user", "content": "Hi", "images": ["aGk="]}],
+                               [{"role": "assistant", "content": "", "tool_calls": [{}]}]]),
+    ("/api/generate", "images", [[], ["aGk="]]),
+    ("/api/generate", "suffix", ["", "return 1"]),
+    ("/api/generate", "template", ["", "{{ .Prompt }}"]),
+    ("/api/generate", "context", [[], [1, 2]]),
+    ("/api/generate", "system", ["", "Be brief."]),  # with raw: true
+    ("/api/embed", "input", ["", [], ["a"], ["a", ""]]),
+    ("/v1/messages", "tools", [[], [{"name": "f", "input_schema": {}}]]),
+    ("/v1/messages", "mcp_servers", [[], [{"type": "url", "url": "http://127.0.0.1:9", "name": "x"}]]),
+    ("/v1/messages", "tool_choice", [{"type": "auto"}, {"type": "none"}, {}, {"type": "any"}, {"type": "tool", "name": "f"}]),
+    ("/v1/messages", "thinking", [{"type": "disabled"}, {}, {"type": "enabled", "budget_tokens": 1024}]),
+    ("/v1/messages", "output_config", [{}, {"format": None}, {"effort": "low"}, {"format": {"type": "json_schema"}}]),
+    ("/v1/messages/count_tokens", "tools", [[], [{"name": "f", "input_schema": {}}]]),
+    ("/v1/messages/count_tokens", "thinking", [{"type": "disabled"}, {"type": "enabled", "budget_tokens": 1024}]),
+    ("/v1/responses", "store", [False, True]),
+    ("/v1/responses", "previous_response_id", ["", "resp_1"]),
+    ("/v1/responses", "conversation", ["", "conv_1", {}, {"id": "conv_1"}]),
+    ("/v1/responses", "prompt", [{}, {"id": "pmpt_1"}]),
+    ("/v1/responses", "background", [False, True]),
+    ("/v1/responses", "tools", [[], [{"type": "function", "name": "f"}]]),
+    ("/v1/responses", "tool_choice", ["none", "auto", "required", {}, {"type": "function", "name": "f"}]),
+    ("/v1/responses", "text", [{}, {"format": None}, {"format": {}}, {"format": {"type": "text"}}, {"verbosity": "low"},
+                               {"format": {"type": "json_object"}}, {"format": "text"}, {"format": {"name": "x"}}]),
+    ("/v1/responses", "top_logprobs", [0, 1]),
+]
+PROBE_TOGETHER = {("/api/generate", "system"): {"raw": True}}
+
+
+@pytest.mark.parametrize(("path", "field", "values"), UNSUPPORTED_PROBES, ids=[f"{p} {f}" for p, f, _ in UNSUPPORTED_PROBES])
+def test_the_document_refuses_what_the_route_refuses(tiny_worker: ServerProcess, worker_document: dict[str, Any],
+                                                     path: str, field: str, values: list[object]) -> None:
+    schema = request_schema(worker_document, path, "post")
+    validator = Draft202012Validator({**(schema or {}), "components": worker_document["components"]})
+    for value in values:
+        body = {**PROBE_BASES[path], **PROBE_TOGETHER.get((path, field), {}), field: value}
+        response = requests.post(tiny_worker.url + path, json=body, timeout=30)
+        refused = response.status_code == 400
+        assert refused != validator.is_valid(body), (body, response.status_code, response.text[:300])
+        if refused:
+            named = response.json()["error"]
+            named = named if isinstance(named, str) else named["message"]
+            assert named.startswith(f"'{field}"), (body, named)

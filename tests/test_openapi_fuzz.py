@@ -26,13 +26,15 @@ KEY = "fuzz-key"  # with API_KEY set, the access checks (ignored_auth, missing c
 EXAMPLES_PER_OPERATION = 10
 REPLY_TOKENS_CAP = 16  # the longest reply a generated request gets (tests/schemathesis_hooks.py caps longer ones)
 TINY_EMBEDDING_DIMENSIONS = 32  # testing/tiny_models.py: the tiny BERT's width
+TINY_CONTEXT_WINDOW = 512  # testing/tiny_models.py: the tiny llama's trained context, below N_CTX
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, a connection is refused at once
 
 # Every check schemathesis has, but one replaced by a narrower copy of itself: positive_data_acceptance
-# also fails a 400 `context_length_exceeded`, which the OpenAI wire format defines for a well-formed
-# request whose prompt has more tokens than the model's context window, a limit no schema can state.
-# positive_data_acceptance_within_the_context_window (tests/schemathesis_hooks.py) is the same check
-# without that one exception.
+# also fails the 400s that no schema can state for a well-formed request: a prompt with more tokens
+# than the model's context window (OpenAI's `context_length_exceeded`, and the same error in Ollama's
+# and Anthropic's shapes), and a Messages API conversation that ends with an assistant message (JSON
+# Schema cannot constrain an array's last item). positive_data_acceptance_of_what_a_schema_can_state
+# (tests/schemathesis_hooks.py) is the same check without those two exceptions.
 EXCLUDED_CHECKS = ("positive_data_acceptance",)
 
 
@@ -69,7 +71,8 @@ def loopback_only_env(**extra: str) -> dict[str, str]:
 def test_schemathesis_finds_no_mismatch_and_no_server_error(fuzz_worker: ServerProcess, tmp_path: Path) -> None:
     env = loopback_only_env(SCHEMATHESIS_HOOKS=str(REPO / "tests" / "schemathesis_hooks.py"),
                             FUZZ_REPLY_TOKENS_CAP=str(REPLY_TOKENS_CAP),
-                            FUZZ_EMBEDDING_DIMENSIONS=str(TINY_EMBEDDING_DIMENSIONS))
+                            FUZZ_EMBEDDING_DIMENSIONS=str(TINY_EMBEDDING_DIMENSIONS),
+                            FUZZ_CONTEXT_WINDOW=str(TINY_CONTEXT_WINDOW))
     run = subprocess.run(schemathesis_command(fuzz_worker.url), cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
                          capture_output=True, text=True, timeout=600)
     report = run.stdout + run.stderr

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from api.errors import InvalidRequest
 from api.model_names import REQUESTED_MODEL_FILE_SCHEMA, ModelNameError, file_name_for
 from api.wire import schemas
+from api.wire.openai_chat import _repeat_penalty as repeat_penalty
 from api.wire.openai_chat import apply_prompt_template
 from api.wire.validation import NON_BLANK_PATTERN, WHITESPACE, field_path, parse
 
@@ -124,3 +125,20 @@ def test_every_optional_field_is_documented_as_nullable() -> None:
             assert validator.is_valid(None) == (name not in document.get("required", [])), (model.__name__, name)
             checked += 1
     assert checked > 80
+
+
+@pytest.mark.parametrize(("body", "accepted"), [
+    ({"repeat_penality": 1.1, "presence_penalty": None}, True),  # null is absent: presence_penalty is its default 0
+    ({"repeat_penalty": 1.1, "presence_penalty": None}, True),
+    ({"repeat_penalty": 1.1, "presence_penalty": 0}, True),
+    ({"repeat_penality": 1.1, "presence_penalty": 0.5}, False),
+    ({"repeat_penalty": 1.1, "presence_penalty": 0.5}, False),
+    ({"repeat_penalty": 1.1, "repeat_penality": None}, True),
+    ({"repeat_penalty": 1.1, "repeat_penality": 1.1}, False),
+])
+def test_the_document_says_which_penalties_go_together(body: dict, accepted: bool) -> None:
+    """The document's cross-field rules read a null as the route does: as a field left out."""
+    document = schemas.CompletionRequest.model_json_schema()
+    body = {"prompt": "x", **body}
+    assert jsonschema_rs.validator_for(document).is_valid(body) == accepted
+    assert raises(lambda: repeat_penalty(parse(schemas.CompletionRequest, body))) != accepted

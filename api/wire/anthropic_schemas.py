@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from api.wire.schemas import MAX_STOPS, MaxTokens, ModelName, ResponseModel, Temperature, TopK, TopP
-from api.wire.validation import WireModel, expect
+from api.wire.validation import NULL, WireModel, declares, expect
 
 # -- requests
 
@@ -34,14 +34,23 @@ class Message(WireModel):
                                              "blocks are not supported).")
 
 
+def _typed(*types: str) -> dict[str, Any]:
+    """JSON Schema: an object whose `type` is one of `types`."""
+    return {"required": ["type"], "properties": {"type": {"enum": list(types)}}}
+
+
 class Unsupported(WireModel):
     """Fields of the Messages API this server cannot honour: refused with a 400 that names them."""
 
-    tools: list[Any] | None = Field(None, description="Not supported: refused unless empty.")
-    mcp_servers: list[Any] | None = Field(None, description="Not supported: refused unless empty.")
-    tool_choice: dict[str, Any] | None = Field(None, description='Only {"type": "auto"} or {"type": "none"}.')
-    thinking: dict[str, Any] | None = Field(None, description='Extended thinking is not supported: only {"type": "disabled"}.')
-    output_config: dict[str, Any] | None = Field(None, description="A `format` (structured output) is not supported.")
+    tools: Annotated[list[Any], declares(maxItems=0)] | None = Field(None, description="Not supported: refused unless empty.")
+    mcp_servers: Annotated[list[Any], declares(maxItems=0)] | None = Field(
+        None, description="Not supported: refused unless empty.")
+    tool_choice: Annotated[dict[str, Any], declares(**_typed("auto", "none"))] | None = Field(
+        None, description='Only {"type": "auto"} or {"type": "none"}.')
+    thinking: Annotated[dict[str, Any], declares(**_typed("disabled"))] | None = Field(
+        None, description='Extended thinking is not supported: only {"type": "disabled"}.')
+    output_config: Annotated[dict[str, Any], declares(properties={"format": NULL})] | None = Field(
+        None, description="A `format` (structured output) is not supported.")
 
 
 class CountTokensRequest(Unsupported):

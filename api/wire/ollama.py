@@ -56,11 +56,11 @@ NEVER_EXPIRES = "9999-12-31T23:59:59Z"
 _ZERO_DURATION = re.compile(r"0+(\.0*)?(ns|us|µs|ms|s|m|h)?")
 
 GENERATION_ERRORS = {
-    404: "The model is not installed (the message lists the installed ones).",
+    404: "The model is not installed (the message lists the installed ones), or it is an embedding model.",
     503: "The model is loading or busy; retry after `Retry-After` seconds.",
     504: "The generation ran over REQUEST_TIMEOUT or stalled for STALL_TIMEOUT.",
 }
-EMBEDDING_ERRORS = {404: "Not the embedding model.", 503: "No embedding model is installed, or it is busy."}
+EMBEDDING_ERRORS = {404: "Not the embedding model (unknown, or a chat model).", 503: "No embedding model is installed, or it is busy."}
 
 
 # -- errors in Ollama's shape
@@ -95,6 +95,13 @@ def _find_installed(requested: str) -> InstalledModel | None:
 def _not_found(requested: str) -> ModelNotFound:
     available = ", ".join(model.id + LATEST for model in runtime().models.installed()) or "none"
     return ModelNotFound(f"model '{requested}' not found. Available models: {available}", param="model")
+
+
+def _wrong_kind(message: str) -> ModelNotFound:
+    """A model of the other kind (chat or embedding) named on a route: a 404, as on /v1. Ollama
+    answers a 400, but which kind a name is depends on the installed files, which no request schema
+    can state; so, like an unknown model, it is not the request's form that is wrong."""
+    return ModelNotFound(message, param="model")
 
 
 def _installed(requested: str) -> InstalledModel:
@@ -295,8 +302,8 @@ def _start(body: schemas.OllamaGeneration, *, prompt_field: str, messages: list[
             sampling=_sampling(options, context_window), model=model, messages=messages, prompt=prompt,
             stop=stop_strings(options.stop), is_disconnected=client_disconnected(), prompt_field=prompt_field))
     except ModelNotFound as error:
-        if error.code == "not_a_chat_model":  # Ollama answers a 400 for a model that cannot chat
-            raise InvalidRequest(f"'{body.model}' is an embedding model: use /api/embed", param="model") from None
+        if error.code == "not_a_chat_model":
+            raise _wrong_kind(f"'{body.model}' is an embedding model: use /api/embed") from None
         raise _not_found(body.model) from None  # named as the client named it, listed as /api/tags lists them
 
 
@@ -357,7 +364,7 @@ def _load_only(body: schemas.OllamaGeneration, piece: Piece) -> Response:
     """Ollama's answer to a request with nothing to generate: the model is there (or a 404); no model runs."""
     model = _installed(body.model)
     if model.is_embedding:
-        raise InvalidRequest(f"'{body.model}' is an embedding model: use /api/embed", param="model")
+        raise _wrong_kind(f"'{body.model}' is an embedding model: use /api/embed")
     reason = "unload" if _is_zero_duration(body.keep_alive) else "load"
     return jsonify({"model": body.model, "created_at": _timestamp(), **piece(""), "done": True, "done_reason": reason})
 
@@ -417,7 +424,7 @@ def generate() -> Response:
 
 
 def _embedding_model(requested: str):
-    """The embedding model the client named; a chat model named here gets a 400 that says which model embeds."""
+    """The embedding model the client named; a chat model named here gets a 404 that says which model embeds."""
     models = runtime().models
     try:
         return models.embedding_model(_model_id(requested))
@@ -425,7 +432,7 @@ def _embedding_model(requested: str):
         found = _find_installed(requested)
         if found is not None and not found.is_embedding:
             embedder = model_id(models.settings.embedding_model_name) + LATEST
-            raise InvalidRequest(f"'{requested}' is a chat model; embeddings come from {embedder}", param="model") from None
+            raise _wrong_kind(f"'{requested}' is a chat model; embeddings come from {embedder}") from None
         raise _not_found(requested) from None
 
 
@@ -440,7 +447,7 @@ def embed() -> Response:
     texts = list(body.input) if isinstance(body.input, list) else [body.input] if body.input else []
     model = _embedding_model(body.model)
     vectors, tokens = runtime().service.embed(model, texts, field="input") if texts else ([], 0)
-    if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):
+    if body.dimensions and vectors and body.dimensions != len(vectors[0]):  # 0: not given (Go's zero value)
         raise InvalidRequest(f"'dimensions' must be {len(vectors[0])} for this model (it cannot be shortened)",
                              param="dimensions")
     return jsonify({"model": body.model, "embeddings": vectors, "total_duration": time.perf_counter_ns() - started_ns,

@@ -9,12 +9,12 @@ the empty or false value a client sends by default is accepted.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AliasChoices, Field
 
 from api.wire.schemas import MAX_EMBEDDING_INPUTS, MinP, RepeatPenalty, ResponseModel, Stop, Temperature, TopK, TopP
-from api.wire.validation import NonBlank, WireModel, expect
+from api.wire.validation import NonBlank, WireModel, declares, expect
 
 OllamaModelName = Annotated[NonBlank, Field(
     description="An installed model: its name as /api/tags lists it (`name:latest`), or without the tag, or its .gguf "
@@ -45,6 +45,8 @@ class OllamaOptions(WireModel):
 
 
 Format = Annotated[str | dict[str, Any], expect('"json", a JSON schema or ""')]
+Nothing = declares(maxItems=0)
+"""An unsupported list: only empty (or null) is accepted."""
 
 
 class OllamaGeneration(WireModel):
@@ -54,18 +56,20 @@ class OllamaGeneration(WireModel):
     stream: bool = Field(True, description="Stream the reply as newline-delimited JSON (the default); false: one object.")
     options: OllamaOptions | None = None
     keep_alive: KeepAlive | None = None
-    format: Format | None = Field(None, description='Not supported: only "" (no format) is accepted.')
-    think: Annotated[bool | str, expect("a boolean or a string")] | None = Field(
+    format: Annotated[Format, declares(enum=["", {}])] | None = Field(
+        None, description='Not supported: only "" (no format) is accepted.')
+    think: Annotated[bool | str, expect("a boolean or a string"), declares(enum=[False, ""])] | None = Field(
         None, description="Not supported: only false (the model does not think).")
-    logprobs: bool | None = Field(None, description="Not supported: only false.")
-    top_logprobs: int | None = Field(None, ge=0, description="Not supported: only 0.")
+    logprobs: Annotated[bool, declares(const=False)] | None = Field(None, description="Not supported: only false.")
+    top_logprobs: Annotated[int, declares(const=0)] | None = Field(None, ge=0, description="Not supported: only 0.")
 
 
 class OllamaMessage(WireModel):
     role: Literal["system", "user", "assistant"] = Field(description="tool messages are refused (no tool calling).")
     content: str = ""
-    images: list[Any] | None = Field(None, description="Not supported (text models only): refused unless empty.")
-    tool_calls: list[Any] | None = Field(None, description="Not supported: refused unless empty.")
+    images: Annotated[list[Any], Nothing] | None = Field(None, description="Not supported (text models only): refused "
+                                                                           "unless empty.")
+    tool_calls: Annotated[list[Any], Nothing] | None = Field(None, description="Not supported: refused unless empty.")
     thinking: str | None = Field(None, description="Accepted and ignored.")
 
 
@@ -73,28 +77,36 @@ class OllamaChatRequest(OllamaGeneration):
     messages: list[OllamaMessage] = Field(
         default_factory=list, description="The conversation so far, oldest first. Empty: only check that the model is "
                                           "there (`done_reason` load, or unload with keep_alive 0).")
-    tools: list[Any] | None = Field(None, description="Not supported: refused unless empty.")
+    tools: Annotated[list[Any], Nothing] | None = Field(None, description="Not supported: refused unless empty.")
 
 
 class OllamaGenerateRequest(OllamaGeneration):
     prompt: str = Field("", description="The prompt. Empty: only check that the model is there (`done_reason` load).")
     system: str | None = Field(None, description="A system message put before the prompt (through the chat template).")
     raw: bool = Field(False, description="true: the prompt goes to the model as it is, without the chat template.")
-    suffix: str | None = Field(None, description="Not supported (insertion): refused unless empty.")
-    template: str | None = Field(None, description="Not supported (Ollama's Go templates): refused unless empty; the "
-                                                   "model's own chat template is used.")
-    context: list[int] | None = Field(None, description="Not supported (this server returns no context): refused unless empty.")
-    images: list[Any] | None = Field(None, description="Not supported (text models only): refused unless empty.")
+    suffix: Annotated[str, declares(maxLength=0)] | None = Field(
+        None, description="Not supported (insertion): refused unless empty.")
+    template: Annotated[str, declares(maxLength=0)] | None = Field(
+        None, description="Not supported (Ollama's Go templates): refused unless empty; the model's own chat template "
+                          "is used.")
+    context: Annotated[list[int], Nothing] | None = Field(
+        None, description="Not supported (this server returns no context): refused unless empty.")
+    images: Annotated[list[Any], Nothing] | None = Field(None, description="Not supported (text models only): refused "
+                                                                           "unless empty.")
+
+    document_rules: ClassVar[dict[str, Any]] = {  # a raw prompt goes to the model as it is: no system message
+        "not": {"required": ["raw", "system"], "properties": {"raw": {"const": True}, "system": {"type": "string", "minLength": 1}}}}
 
 
 class OllamaEmbedRequest(WireModel):
     model: OllamaModelName
-    input: Annotated[str | Annotated[list[str], Field(max_length=MAX_EMBEDDING_INPUTS)],
+    input: Annotated[str | Annotated[list[Annotated[str, declares(minLength=1)]], Field(max_length=MAX_EMBEDDING_INPUTS)],
                      expect("a string or an array of strings")] = Field(
         "", description="A text or a list of texts. Empty: only check that the model is there.")
     truncate: bool = Field(True, description="Accepted: a long text is embedded whole (in windows that are averaged), "
                                              "never cut or refused.")
-    dimensions: int | None = Field(None, description="Must equal the model's dimension if given (vectors cannot be shortened).")
+    dimensions: int | None = Field(None, ge=0, description="Must equal the model's dimension if given (vectors cannot be "
+                                                           "shortened); 0 means the model's own, as in Ollama.")
     options: dict[str, Any] | None = Field(None, description="Accepted and ignored (embeddings take no sampling).")
     keep_alive: KeepAlive | None = None
 

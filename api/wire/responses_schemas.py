@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from api.wire.schemas import MaxTokens, ModelName, ResponseModel, Temperature, TopP
-from api.wire.validation import WireModel, expect
+from api.wire.validation import NO_VALUE, WireModel, declares, expect
 
 # -- the request
 
@@ -35,6 +35,11 @@ class InputMessage(WireModel):
     content: Annotated[str | list[InputText], expect("a string or an array of input_text parts (only text is supported)")]
 
 
+TEXT_FORMAT: dict[str, Any] = {"anyOf": [{"enum": [None, False, 0, "", [], {}]},
+                                          {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}}]}
+"""`text.format` as the route takes it: left out or empty (any JSON value Python counts false), or {"type": "text"}."""
+
+
 class ResponsesRequest(WireModel):
     model: ModelName | None = None
     input: Annotated[str | Annotated[list[InputMessage], Field(min_length=1)],
@@ -45,15 +50,23 @@ class ResponsesRequest(WireModel):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     stream: bool = Field(False, description="Send the reply as typed Server-Sent Events while it is generated.")
-    store: bool = Field(False, description="Only false: this server stores nothing (refused when true).")
-    previous_response_id: str | None = Field(None, description="Not supported (nothing is stored): refused.")
-    conversation: str | dict[str, Any] | None = Field(None, description="Not supported (nothing is stored): refused.")
-    prompt: dict[str, Any] | None = Field(None, description="Stored prompt templates are not supported: refused.")
-    background: bool = Field(False, description="Background mode is not supported: only false.")
-    tools: list[Any] | None = Field(None, description="Not supported: refused unless empty.")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" or "auto".')
-    text: dict[str, Any] | None = Field(None, description='Only {"format": {"type": "text"}}.')
-    top_logprobs: int | None = Field(None, description="Log probabilities are not supported: only 0.")
+    store: Annotated[bool, declares(const=False)] = Field(
+        False, description="Only false: this server stores nothing (refused when true).")
+    previous_response_id: Annotated[str, declares(**NO_VALUE)] | None = Field(
+        None, description="Not supported (nothing is stored): refused.")
+    conversation: Annotated[str | dict[str, Any], declares(**NO_VALUE)] | None = Field(
+        None, description="Not supported (nothing is stored): refused.")
+    prompt: Annotated[dict[str, Any], declares(**NO_VALUE)] | None = Field(
+        None, description="Stored prompt templates are not supported: refused.")
+    background: Annotated[bool, declares(const=False)] = Field(
+        False, description="Background mode is not supported: only false.")
+    tools: Annotated[list[Any], declares(maxItems=0)] | None = Field(None, description="Not supported: refused unless empty.")
+    tool_choice: Annotated[str | dict[str, Any], declares(enum=["none", "auto"])] | None = Field(
+        None, description='Only "none" or "auto".')
+    text: Annotated[dict[str, Any], declares(properties={"format": TEXT_FORMAT})] | None = Field(
+        None, description='Only {"format": {"type": "text"}}.')
+    top_logprobs: Annotated[int, declares(const=0)] | None = Field(
+        None, description="Log probabilities are not supported: only 0.")
     metadata: dict[str, Any] | None = Field(None, description="Echoed in the response.")
     user: str | None = Field(None, description="Accepted and ignored.")
 

@@ -54,8 +54,10 @@ NOTHING: dict[str, Any] = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": 
 
 
 def _given(*names: str, **schemas: dict[str, Any]) -> dict[str, Any]:
-    """JSON Schema: each of `names` is given (present and not null), and matches its schema if one is named."""
-    return {"required": list(names), "properties": {name: {**NOT_NULL, **schemas.get(name, {})} for name in names}}
+    """JSON Schema: each of `names` is given (present and not null), and matches its schema if one is named.
+    (Both as subschemas: a schema that says `not` itself must not replace the `not` of NOT_NULL.)"""
+    return {"required": list(names),
+            "properties": {name: {"allOf": [NOT_NULL, schemas[name]]} if name in schemas else NOT_NULL for name in names}}
 
 
 PROMPT_TEMPLATE_PATTERN = f"^(?:[^%]|%+[^%12])*%*%1(?:[^%]|%+[^%12])*%*(?:%2[{WHITESPACE}]*)?$"

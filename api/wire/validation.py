@@ -49,6 +49,9 @@ _CUSTOM = "wire"
 _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "deprecated"})
 NULL: dict[str, Any] = {"type": "null"}
 NOT_NULL: dict[str, Any] = {"not": NULL}
+NO_VALUE: dict[str, Any] = {"not": {}}
+"""Declared on an optional field (which the document also lets be null): only null is accepted, or
+leaving the field out. For a field a route refuses in any form, but names in its 400."""
 
 
 def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
