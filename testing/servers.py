@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import psutil
@@ -241,6 +241,18 @@ FAST = {
     "HEALTH_INTERVAL": 0.5, "BOOT_TIMEOUT": 20, "STALL_TIMEOUT": 1.5, "REQUEST_TIMEOUT": 30, "KILL_TIMEOUT": 1,
     "GRACEFUL_TIMEOUT": 5, "RESTART_BACKOFF_MAX": 2,
 }
+
+
+@contextlib.contextmanager
+def running_worker(model_dir: Path, tmp_path: Path, *, ready_timeout: float = 30.0,
+                   **settings: object) -> Iterator[ServerProcess]:
+    """A standalone worker, ready, for the length of the block; then stopped, and checked to have
+    left no process behind."""
+    worker = start_worker(model_dir, tmp_path, **settings)
+    try:
+        yield worker.wait_ready(timeout=ready_timeout)
+    finally:
+        assert worker.stop() == [], "the worker left processes behind"
 
 
 def processes_naming(folder: Path) -> list[psutil.Process]:

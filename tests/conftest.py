@@ -13,7 +13,17 @@ import psutil
 import pytest
 
 from install.bundled_models import prepare_default_models
-from testing.servers import PYTHON, REPO, ServerProcess, Service, Worker, free_port, processes_naming, start_worker, supervisor_env
+from testing.servers import (
+    PYTHON,
+    REPO,
+    ServerProcess,
+    Service,
+    Worker,
+    free_port,
+    processes_naming,
+    running_worker,
+    supervisor_env,
+)
 from testing.summary import FAULT_LOAD_COUNTS
 from testing.tiny_models import TINY_CHAT, TINY_EMBED, build_tiny_chat_model, build_tiny_embedding_model, tiny_settings
 
@@ -30,11 +40,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One standalone worker on the tiny models, shared by a test module (its tests do not change it)."""
-    worker = start_worker(tiny_model_dir, tmp_path_factory.mktemp("worker"), **tiny_settings())
-    try:
-        yield worker.wait_ready()
-    finally:
-        assert worker.stop() == [], "the worker left processes behind"
+    with running_worker(tiny_model_dir, tmp_path_factory.mktemp("worker"), **tiny_settings()) as worker:
+        yield worker
 
 
 
@@ -107,8 +114,5 @@ def bundled_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
     model_dir = REPO / "models"
     prepare_default_models(model_dir)  # what ./start.sh does; a no-op when already prepared
     # One thread: with as many threads as cores, llama.cpp spin-waits and slows 20x whenever the machine is busy
-    worker = start_worker(model_dir, tmp_path_factory.mktemp("bundled"), N_THREADS=1)
-    try:
-        yield worker.wait_ready(timeout=60)
-    finally:
-        assert worker.stop() == []
+    with running_worker(model_dir, tmp_path_factory.mktemp("bundled"), N_THREADS=1, ready_timeout=60) as worker:
+        yield worker

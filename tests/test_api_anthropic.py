@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from testing.apps import make_app
-from testing.servers import ServerProcess, start_worker
+from testing.servers import ServerProcess, running_worker
 from testing.tiny_models import TINY_CHAT_REPLY, tiny_settings
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -228,11 +228,8 @@ def test_access_size_and_loading_errors_are_anthropic_errors(tmp_path: Path) -> 
 
 @pytest.fixture(scope="module")
 def keyed_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    worker = start_worker(tiny_model_dir, tmp_path_factory.mktemp("keyed"), **tiny_settings(API_KEY=KEY))
-    try:
-        yield worker.wait_ready()
-    finally:
-        assert worker.stop() == []
+    with running_worker(tiny_model_dir, tmp_path_factory.mktemp("keyed"), **tiny_settings(API_KEY=KEY)) as worker:
+        yield worker
 
 
 def test_the_key_comes_as_x_api_key_as_the_official_client_sends_it(keyed_worker: ServerProcess) -> None:

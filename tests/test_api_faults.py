@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from testing.servers import ServerProcess, start_worker
+from testing.servers import ServerProcess, running_worker
 from testing.tiny_models import TINY_CHAT_REPLY, tiny_settings
 
 ENDLESS = {"prompt": "0", "temperature": 0, "max_tokens": 100_000_000, "stream": True}  # digits forever
@@ -115,12 +115,9 @@ def test_a_pipelining_client_that_closed_stops_the_generation(tiny_worker: Serve
 
 @pytest.fixture(scope="module")
 def hasty_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    worker = start_worker(tiny_model_dir, tmp_path_factory.mktemp("hasty"),
-                          **tiny_settings(REQUEST_TIMEOUT=1, STALL_TIMEOUT=1))
-    try:
-        yield worker.wait_ready()
-    finally:
-        assert worker.stop() == []
+    with running_worker(tiny_model_dir, tmp_path_factory.mktemp("hasty"),
+                          **tiny_settings(REQUEST_TIMEOUT=1, STALL_TIMEOUT=1)) as worker:
+        yield worker
 
 
 def test_generation_over_request_timeout_is_a_504_and_the_worker_recovers(hasty_worker: ServerProcess) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from testing.servers import ServerProcess, start_worker
+from testing.servers import ServerProcess, running_worker
 from testing.tiny_models import TINY_RAW_TEMPLATE, build_tiny_chat_model, tiny_settings
 
 COUNTER = "tiny-counter.gguf"
@@ -38,11 +38,8 @@ def counter_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _worker(model_dir: Path, folder: Path, **settings: object) -> Iterator[ServerProcess]:
-    worker = start_worker(model_dir, folder, **tiny_settings(MODEL_NAME=COUNTER, **settings))
-    try:
-        yield worker.wait_ready()
-    finally:
-        assert worker.stop() == [], "the worker left processes behind"
+    with running_worker(model_dir, folder, **tiny_settings(MODEL_NAME=COUNTER, **settings)) as worker:
+        yield worker
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from waitress.adjustments import Adjustments
 
 from testing.assertions import assert_json_error
 from testing.raw_http import EXPECT_TOO_LARGE, MAX_BODY, POST_HEAD, assert_json_refusal, raw_exchange, read_reply
-from testing.servers import ServerProcess, start_worker
+from testing.servers import ServerProcess, running_worker, start_worker
 from testing.tiny_models import tiny_settings
 
 KEY = "s3cret-key"
@@ -174,11 +174,8 @@ def test_prompt_longer_than_the_context_is_a_400_naming_the_clients_field(
 
 @pytest.fixture(scope="module")
 def keyed_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    worker = start_worker(tiny_model_dir, tmp_path_factory.mktemp("keyed"), **tiny_settings(API_KEY=KEY))
-    try:
-        yield worker.wait_ready()
-    finally:
-        assert worker.stop() == []
+    with running_worker(tiny_model_dir, tmp_path_factory.mktemp("keyed"), **tiny_settings(API_KEY=KEY)) as worker:
+        yield worker
 
 
 def test_api_key_required_everywhere_but_health(keyed_worker: ServerProcess) -> None:

@@ -21,7 +21,7 @@ from langchain_ollama import ChatOllama, OllamaEmbeddings, OllamaLLM
 
 from api.wire.ollama import human_number
 from testing.assertions import QUESTION, cosine
-from testing.servers import ServerProcess, Service, start_worker
+from testing.servers import ServerProcess, Service, running_worker, start_worker
 from testing.tiny_models import TINY_CHAT, TINY_CHAT_REPLY, TINY_CHAT_TEMPLATE, TINY_EMBED, TINY_EMBEDDING_DIM, tiny_settings
 
 KEY = "ollama-key"
@@ -422,11 +422,8 @@ def test_a_body_that_is_not_a_json_object_is_a_400(tiny_worker: ServerProcess, d
 
 @pytest.fixture(scope="module")
 def keyed_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    worker = start_worker(tiny_model_dir, tmp_path_factory.mktemp("ollama-keyed"), **tiny_settings(API_KEY=KEY))
-    try:
-        yield worker.wait_ready()
-    finally:
-        assert worker.stop() == []
+    with running_worker(tiny_model_dir, tmp_path_factory.mktemp("ollama-keyed"), **tiny_settings(API_KEY=KEY)) as worker:
+        yield worker
 
 
 def test_the_api_key_is_required_but_the_health_routes_stay_open(keyed_worker: ServerProcess) -> None:
@@ -479,12 +476,9 @@ def test_a_model_that_cannot_load_is_a_503_with_retry_after(tmp_path: Path) -> N
 
 @pytest.fixture(scope="module")
 def hasty_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    worker = start_worker(tiny_model_dir, tmp_path_factory.mktemp("ollama-hasty"),
-                          **tiny_settings(REQUEST_TIMEOUT=1, STALL_TIMEOUT=1))
-    try:
-        yield worker.wait_ready()
-    finally:
-        assert worker.stop() == []
+    with running_worker(tiny_model_dir, tmp_path_factory.mktemp("ollama-hasty"),
+                          **tiny_settings(REQUEST_TIMEOUT=1, STALL_TIMEOUT=1)) as worker:
+        yield worker
 
 
 def test_a_generation_over_request_timeout_is_a_504(hasty_worker: ServerProcess) -> None:

@@ -18,7 +18,7 @@ from api.config import ConfigError, load_settings
 from api.wire.llm_api import token_event
 from testing.assertions import assert_json_error
 from testing.loopback import ConnectionRecorder
-from testing.servers import ServerProcess, start_worker
+from testing.servers import ServerProcess, running_worker
 from testing.tiny_models import TINY_CHAT, TINY_CHAT_REPLY, TINY_EMBED, build_tiny_chat_model, build_tiny_embedding_model, tiny_settings
 
 TINY_SHORT = "tiny-short.gguf"
@@ -40,13 +40,10 @@ def legacy_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def legacy_worker(legacy_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     recorder = ConnectionRecorder()
     proxy = f"http://127.0.0.1:{recorder.port}"
-    worker = start_worker(legacy_model_dir, tmp_path_factory.mktemp("legacy"),
+    with running_worker(legacy_model_dir, tmp_path_factory.mktemp("legacy"),
                           **tiny_settings(HTTP_PROXY=proxy, HTTPS_PROXY=proxy, http_proxy=proxy, https_proxy=proxy,
-                                          NO_PROXY="", no_proxy=""))
-    try:
-        yield worker.wait_ready()
-    finally:
-        assert worker.stop() == [], "the worker left processes behind"
+                                          NO_PROXY="", no_proxy="")) as worker:
+        yield worker
         recorder.close()
         assert recorder.connections == 0, "the worker tried to reach the network"
 

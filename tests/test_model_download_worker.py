@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from testing.loopback import ConnectionRecorder, ModelServer, run_together, standard_server
-from testing.servers import ServerProcess, start_worker
+from testing.servers import ServerProcess, running_worker
 from testing.tiny_models import TINY_CHAT, TINY_CHAT_REPLY, TINY_EMBED, tiny_settings
 
 KEY = "retrieval-key"
@@ -47,11 +47,8 @@ def worker(model_dir: Path, model_server: ModelServer, tmp_path_factory: pytest.
     settings = tiny_settings(ALLOW_DOWNLOAD="true", MODEL_CATALOG_URL=model_server.catalog_url, DOWNLOAD_TIMEOUT="0.5",
                              API_KEY=KEY, HTTP_PROXY=proxy, HTTPS_PROXY=proxy, http_proxy=proxy, https_proxy=proxy,
                              NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-    process = start_worker(model_dir, tmp_path_factory.mktemp("download-worker"), **settings)
-    try:
-        yield process.wait_ready()
-    finally:
-        assert process.stop() == []
+    with running_worker(model_dir, tmp_path_factory.mktemp("download-worker"), **settings) as process:
+        yield process
         recorder.close()
         assert recorder.connections == 0, "the worker tried to reach a host outside loopback"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from testing.servers import PYTHON, REPO, ServerProcess, start_worker
+from testing.servers import PYTHON, REPO, ServerProcess, running_worker
 from testing.tiny_models import tiny_settings
 
 KEY = "fuzz-key"  # with API_KEY set, the access checks (ignored_auth, missing credentials) have work to do
@@ -40,13 +40,10 @@ EXCLUDED_CHECKS = ("positive_data_acceptance",)
 
 @pytest.fixture(scope="module")
 def fuzz_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    worker = start_worker(tiny_model_dir, tmp_path_factory.mktemp("fuzz"), **tiny_settings(
+    with running_worker(tiny_model_dir, tmp_path_factory.mktemp("fuzz"), **tiny_settings(
         API_KEY=KEY, DEFAULT_MAX_TOKENS=REPLY_TOKENS_CAP, ALLOW_DOWNLOAD="false",
-        MODEL_CATALOG_URL=DEAD_PROXY + "/models.json"))
-    try:
-        yield worker.wait_ready()
-    finally:
-        assert worker.stop() == [], "the worker left processes behind"
+        MODEL_CATALOG_URL=DEAD_PROXY + "/models.json")) as worker:
+        yield worker
 
 
 def schemathesis_command(url: str) -> list[str]:

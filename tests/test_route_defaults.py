@@ -17,7 +17,7 @@ import pytest
 import requests
 from gpt4all import GPT4All
 
-from testing.servers import REPO, ServerProcess, start_worker
+from testing.servers import REPO, ServerProcess, running_worker
 from testing.tiny_models import tiny_settings
 
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n")
@@ -65,11 +65,8 @@ def gpt4all_generate_defaults() -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def debug_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    worker = start_worker(tiny_model_dir, tmp_path_factory.mktemp("debug"), **tiny_settings(DEBUG="true"))
-    try:
-        yield worker.wait_ready()
-    finally:
-        assert worker.stop() == []
+    with running_worker(tiny_model_dir, tmp_path_factory.mktemp("debug"), **tiny_settings(DEBUG="true")) as worker:
+        yield worker
 
 
 def sampling_reaching_the_engine(worker: ServerProcess, route: str, body: object = None) -> dict[str, float]:

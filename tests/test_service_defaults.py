@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from testing.servers import ServerProcess, start_worker
+from testing.servers import ServerProcess, running_worker
 from testing.tiny_models import tiny_settings
 
 DEFAULT_MAX_TOKENS = 7
@@ -18,12 +18,9 @@ DEFAULT_MAX_TOKENS = 7
 
 @pytest.fixture(scope="module")
 def short_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    worker = start_worker(tiny_model_dir, tmp_path_factory.mktemp("short"),
-                          **tiny_settings(DEFAULT_MAX_TOKENS=DEFAULT_MAX_TOKENS))
-    try:
-        yield worker.wait_ready()
-    finally:
-        assert worker.stop() == []
+    with running_worker(tiny_model_dir, tmp_path_factory.mktemp("short"),
+                          **tiny_settings(DEFAULT_MAX_TOKENS=DEFAULT_MAX_TOKENS)) as worker:
+        yield worker
 
 
 def reply_text(path: str, answer: requests.Response) -> str:
