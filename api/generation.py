@@ -443,7 +443,8 @@ class GenerationService:
         """Validate, render and start; errors that need no model run are raised here."""
         request = dataclasses.replace(
             request, sampling=check_sampling(request.sampling.with_default_max_tokens(self.limits.default_max_tokens)))
-        log.debug("sampling: %s", " ".join(f"{name}={value:g}" for name, value in dataclasses.asdict(request.sampling).items()))
+        if log.isEnabledFor(logging.DEBUG):  # built only for DEBUG=true: this runs on every request
+            log.debug("sampling: %s", " ".join(f"{name}={value:g}" for name, value in dataclasses.asdict(request.sampling).items()))
         model = self.models.chat_model(request.model)
         prompt = self.render_prompt(model, request)
         generation = Generation(model, prompt, request, self.limits, self.observer, self.slots)
