@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
+from urllib.parse import parse_qs
 
 from api.config import Settings
 from api.errors import Forbidden, Unauthorized
@@ -19,7 +20,8 @@ from api.errors import Forbidden, Unauthorized
 log = logging.getLogger("api.access")
 
 # Routes a supervisor or load balancer probes (the health checks of each interface): no API key needed.
-OPEN_PATHS = frozenset({"/health", "/v1/health", "/v1/health/", "/check", "/", "/api/version"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/v1/health", "/v1/health/", "/check", "/", "/api/version"})
+DEEP_CHECK_PATH = "/health"  # with ?deep=1 it runs a generation: that needs the key like any other
 DOCS_PATH = "/docs"
 DOCUMENT_PATH = "/openapi.json"
 
@@ -51,6 +53,12 @@ def is_docs_path(path: str) -> bool:
     return path in (DOCS_PATH, DOCUMENT_PATH) or path.startswith(DOCS_PATH + "/")
 
 
+def is_deep_check(path: str, query: str) -> bool:
+    """`/health?deep=1`: the health check that runs a real one-token generation."""
+    values = parse_qs(query, keep_blank_values=True).get("deep", [])
+    return path == DEEP_CHECK_PATH and any(value.lower() not in ("0", "false", "no") for value in values)
+
+
 def is_open(path: str, *, docs_public: bool) -> bool:
     """Whether a path needs no API key: the one declaration, read by the workers, the supervisor's
     fallback and the OpenAPI document alike."""
@@ -69,14 +77,15 @@ class AccessPolicy:
     def from_settings(cls, settings: Settings) -> AccessPolicy:
         return cls(settings.api_key, settings.authorized_urls, docs_public=settings.docs_public)
 
-    def check(self, remote_addr: str | None, path: str, authorization: str | None, api_key_header: str | None) -> None:
+    def check(self, remote_addr: str | None, path: str, authorization: str | None, api_key_header: str | None,
+              query: str = "") -> None:
         """The whole decision for one request: raises Forbidden (403) or Unauthorized (401), or returns."""
         self.check_client(remote_addr)
-        if self.needs_key(path):
+        if self.needs_key(path, query):
             self.check_key(authorization, api_key_header)
 
-    def needs_key(self, path: str) -> bool:
-        return not is_open(path, docs_public=self._docs_public)
+    def needs_key(self, path: str, query: str = "") -> bool:
+        return not is_open(path, docs_public=self._docs_public) or is_deep_check(path, query)
 
     def check_client(self, remote_addr: str | None) -> None:
         if not self._restricted:

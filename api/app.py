@@ -66,7 +66,7 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
     @app.before_request
     def check_access() -> None:
         policy.check(request.remote_addr, request.path, request.headers.get("Authorization"),
-                     request.headers.get("X-Api-Key"))
+                     request.headers.get("X-Api-Key"), request.query_string.decode("latin-1"))
 
     @app.after_request
     def tag_worker(response: Response) -> Response:

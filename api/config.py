@@ -75,6 +75,21 @@ def _seconds(raw: str) -> float:
     return value
 
 
+def _optional_integer(minimum: int) -> Callable[[str], int | None]:
+    """A whole number, or nothing (empty: no limit)."""
+    whole = _integer(minimum)
+
+    def parse(raw: str) -> int | None:
+        if not raw.strip():
+            return None
+        try:
+            return whole(raw)
+        except ValueError:
+            raise ValueError(f"empty (no limit) or a whole number >= {minimum}") from None
+
+    return parse
+
+
 def _ip_address(raw: str) -> str:
     try:
         return str(ipaddress.ip_address(raw.strip()))
@@ -186,6 +201,10 @@ FIELDS: tuple[Field, ...] = (
     Field("WORKERS", "1", _integer(1, 64), "Generations that can run at the same time, on this many worker processes "
           "(a warm spare that takes a client waits for a free one)."),
     Field("WARM_SPARES", "1", _integer(0, 64), "Loaded workers kept waiting so a restart never makes a client wait."),
+    Field("MAX_QUEUE", "", _optional_integer(0),
+          "Requests that may wait for an inference slot; the next gets a 503 with Retry-After at once (0: none may wait; "
+          "empty: no limit, clients wait in the accept queue). A worker holds one waiting client: raise WARM_SPARES to let more wait."),
+    Field("QUEUE_TIMEOUT", "60", _seconds, "Longest a request waits for an inference slot before it gets a 503."),
     Field("RESTART_AFTER_REQUESTS", "1", _integer(0),
           "Restart a worker after this many inference requests (1: a fresh model for every request; 0: never)."),
     Field("RESTART_JITTER", "0", _integer(0), "Up to this many extra requests, chosen at random, so workers do not all recycle at once."),
@@ -241,6 +260,8 @@ class Settings:
     stall_timeout: float
     workers: int
     warm_spares: int
+    max_queue: int | None
+    queue_timeout: float
     restart_after_requests: int
     restart_jitter: int
     max_worker_memory_mb: int

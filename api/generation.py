@@ -25,7 +25,7 @@ from typing import Literal, Protocol
 
 from api.errors import ApiError, ContextLengthExceeded, EngineFailure, GenerationTimeout, InvalidRequest, ServiceUnavailable
 from api.inference import ChatEngine, EmbeddingCancelled, EmbeddingEngine, EngineError, EngineRun, PromptTooLong
-from api.inference_slots import InferenceSlots, Release
+from api.inference_slots import InferenceSlots, Place, Release
 from api.sampling import SamplingParams, out_of_bounds
 
 log = logging.getLogger("api.generation")
@@ -76,6 +76,9 @@ class GenerationRequest:
     prompt_field: str = ""
     """The client's name for the field that carries the prompt, for errors about it (default:
     "messages" or "prompt", whichever is set)."""
+    deadline: float | None = None
+    """Seconds the whole request may take, waiting for a slot included (the deep health check);
+    None: QUEUE_TIMEOUT for the wait, REQUEST_TIMEOUT for the generation."""
 
     @property
     def prompt_param(self) -> str:
@@ -155,7 +158,7 @@ class Generation:
     """
 
     def __init__(self, model: ChatEngine, prompt: str, request: GenerationRequest, limits: Limits,
-                 observer: InferenceObserver, slots: InferenceSlots) -> None:
+                 observer: InferenceObserver, place: Place) -> None:
         self.id = uuid.uuid4().hex
         self.created = int(time.time())
         self.model_name = model.name
@@ -166,7 +169,7 @@ class Generation:
         self._request = request
         self._limits = limits
         self._observer = observer
-        self._slots = slots
+        self._place = place
         self._release_slot: Release = lambda: None
         self._events: queue.Queue[tuple[str, object]] = queue.Queue()
         self._cancel = threading.Event()
@@ -177,11 +180,10 @@ class Generation:
     # -- lifecycle
 
     def start(self) -> None:
-        """Reserve the model (ServiceUnavailable if it stays busy for REQUEST_TIMEOUT), wait for
-        an inference slot, and start generating."""
-        if not self._model.acquire(timeout=self._limits.request_timeout):
-            raise ServiceUnavailable("the model is busy with another request; try again", retry_after=2)
-        self._release_slot = self._slots.acquire()
+        """Wait for the inference slot in line, reserve the model (ServiceUnavailable if it stays
+        busy for REQUEST_TIMEOUT), and start generating. (Slot first, then the model, everywhere:
+        the other order could deadlock two threads of one worker.)"""
+        self._release_slot = take_slot_then_model(self._place, self._model, self._request, self._limits)
         try:
             self._started_at = time.monotonic()
             self._observer.inference_started()
@@ -316,20 +318,20 @@ class Embedding:
     reply from a worker killed as hung."""
 
     def __init__(self, model: EmbeddingEngine, texts: list[str], limits: Limits, observer: InferenceObserver,
-                 slots: InferenceSlots) -> None:
+                 place: Place, is_disconnected: Callable[[], bool]) -> None:
         self._model = model
         self._texts = texts
         self._limits = limits
         self._observer = observer
-        self._slots = slots
+        self._place = place
+        self._is_disconnected = is_disconnected
         self._cancel = threading.Event()
         self._result: queue.Queue[tuple[list[list[float]], int] | ApiError] = queue.Queue()
         self._started_at = self._last_progress_at = time.monotonic()
 
     def run(self) -> tuple[list[list[float]], int]:
-        if not self._model.acquire(timeout=self._limits.request_timeout):
-            raise ServiceUnavailable("the embedding model is busy; try again", retry_after=1)
-        release_slot = self._slots.acquire()
+        release_slot = take_slot_then_model(self._place, self._model, GenerationRequest(
+            SamplingParams(), is_disconnected=self._is_disconnected), self._limits)
         try:
             self._started_at = self._last_progress_at = time.monotonic()
             self._observer.inference_started()
@@ -409,22 +411,29 @@ class GenerationService:
             raise InvalidRequest("a prompt or messages are required", param="prompt")
         return request.prompt
 
-    def embed(self, model: EmbeddingEngine, texts: list[str], field: str = "input") -> tuple[list[list[float]], int]:
+    def embed(self, model: EmbeddingEngine, texts: list[str], field: str = "input",
+              is_disconnected: Callable[[], bool] = lambda: False) -> tuple[list[list[float]], int]:
         """Embed texts (`field` is the client's name for them); this touches a model, so the
         worker counts it like a generation."""
         if any(not text for text in texts):
             raise InvalidRequest(f"'{field}' must not contain empty strings", param=field)
-        return Embedding(model, texts, self.limits, self.observer, self.slots).run()
+        place = self.slots.admit()
+        try:
+            return Embedding(model, texts, self.limits, self.observer, place, is_disconnected).run()
+        finally:
+            place.cancel()
 
     def count_tokens(self, request: GenerationRequest) -> int:
         """How many tokens the request's prompt is for its model: the `prompt_tokens` a generation
         of it would report. The engine evaluates the prompt to count it (see ChatEngine.count_tokens),
         so the worker counts this like a generation."""
-        model = self.models.chat_model(request.model)
-        prompt = self.render_prompt(model, request)
-        if not model.acquire(timeout=self.limits.request_timeout):
-            raise ServiceUnavailable("the model is busy with another request; try again", retry_after=2)
-        release_slot = self.slots.acquire()
+        place = self.slots.admit()
+        try:
+            model = self.models.chat_model(request.model)
+            prompt = self.render_prompt(model, request)
+            release_slot = take_slot_then_model(place, model, request, self.limits)
+        finally:
+            place.cancel()
         try:
             self.observer.inference_started()
             try:
@@ -445,12 +454,30 @@ class GenerationService:
             request, sampling=check_sampling(request.sampling.with_default_max_tokens(self.limits.default_max_tokens)))
         if log.isEnabledFor(logging.DEBUG):  # built only for DEBUG=true: this runs on every request
             log.debug("sampling: %s", " ".join(f"{name}={value:g}" for name, value in dataclasses.asdict(request.sampling).items()))
-        model = self.models.chat_model(request.model)
-        prompt = self.render_prompt(model, request)
-        generation = Generation(model, prompt, request, self.limits, self.observer, self.slots)
-        generation.start()
+        limits = self.limits if request.deadline is None else dataclasses.replace(
+            self.limits, request_timeout=min(self.limits.request_timeout, request.deadline),
+            stall_timeout=min(self.limits.stall_timeout, request.deadline))
+        place = self.slots.admit()  # a full line is a 503 now, before any prompt work
+        try:
+            model = self.models.chat_model(request.model)
+            prompt = self.render_prompt(model, request)
+            generation = Generation(model, prompt, request, limits, self.observer, place)
+            generation.start()
+        finally:
+            place.cancel()  # nothing left to give up once the generation holds the slot
         generation.prime()
         return generation
+
+
+def take_slot_then_model(place: Place, model: ChatEngine | EmbeddingEngine, request: GenerationRequest,
+                         limits: Limits) -> Release:
+    """Wait in line for the inference slot (the request's deadline, else QUEUE_TIMEOUT), then
+    reserve the model; the returned function gives the slot back (the caller releases the model)."""
+    release_slot = place.wait(request.is_disconnected, timeout=request.deadline)
+    if not model.acquire(timeout=limits.request_timeout):
+        release_slot()
+        raise ServiceUnavailable("the model is busy with another request; try again", retry_after=2)
+    return release_slot
 
 
 def check_sampling(sampling: SamplingParams) -> SamplingParams:

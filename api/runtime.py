@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+from collections.abc import Callable
 
 from api.config import Settings
 from api.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
@@ -128,6 +129,7 @@ class Runtime:
             self.models, Limits(settings.request_timeout, settings.stall_timeout, settings.default_max_tokens), observer, slots)
         self.state = RuntimeState.LOADING
         self.failure: str | None = None
+        self.stopping: Callable[[], bool] = lambda: False  # the service is stopping (set by the supervised worker)
 
     def load(self) -> None:
         """Load the models; on failure record why (health reports it) and re-raise."""
@@ -142,3 +144,13 @@ class Runtime:
     @property
     def ready(self) -> bool:
         return self.state is RuntimeState.READY
+
+    def not_ready_because(self) -> str:
+        """Why a request sent now would not be served ('' if it would): what /ready answers."""
+        if self.state is RuntimeState.FAILED:
+            return f"the model could not be loaded: {self.failure}"
+        if self.state is RuntimeState.LOADING:
+            return "the model is still loading"
+        if self.stopping():
+            return "the service is stopping (draining its last requests)"
+        return self.service.slots.refusal()

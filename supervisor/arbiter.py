@@ -3,7 +3,9 @@
 Each pass of the loop (`Arbiter.tick`) runs the same named steps in the same order, each a method
 that tests can drive on its own: handle the queued signals, reap the workers that exited, read
 every sentinel, probe health, stop hung workers, recycle bloated ones, retire workers of an old
-configuration, start the missing ones, and tell clients and systemd how things stand.
+configuration, start the missing ones, and tell clients and systemd how things stand: the 503
+fallback while no worker can serve or the service is overloaded (MAX_QUEUE), and systemd's
+WATCHDOG=1 only while the loop is healthy and, once the service has served, workers make progress.
 
 Nothing here touches a real process, socket or clock: processes come from a `ProcessOps`, time
 from a `clock`, randomness from an `rng`, so tests run the loop deterministically with fakes
@@ -78,19 +80,35 @@ class ProcessOps(Protocol):
 
 
 class Fallback(Protocol):
-    """Answers clients with a 503 while no worker can (see supervisor/fallback.py)."""
+    """Answers clients with a 503 while no worker can, or while overloaded (see supervisor/fallback.py)."""
 
-    def enable(self, reason: str, retry_after: int) -> None: ...
+    def enable(self, reason: str, retry_after: int, code: str | None = None) -> None: ...
 
     def disable(self) -> None: ...
 
 
 class NullFallback:
-    def enable(self, reason: str, retry_after: int) -> None:
+    def enable(self, reason: str, retry_after: int, code: str | None = None) -> None:
         pass
 
     def disable(self) -> None:
         pass
+
+
+class Line(Protocol):
+    """The line of requests waiting for an inference slot (see api/slot_queue.py)."""
+
+    def waiting(self) -> int: ...
+
+    def retry_after(self, waiting: int, slots: int = 1) -> int: ...
+
+
+class NoLine:
+    def waiting(self) -> int:
+        return 0
+
+    def retry_after(self, waiting: int, slots: int = 1) -> int:
+        return 1
 
 
 class Gate(Protocol):
@@ -244,6 +262,8 @@ class Arbiter:
     gate: Gate = field(default_factory=NoGate)
     reload_settings: Callable[[], Settings] | None = None
     timing: Timing = field(default_factory=Timing)
+    line: Line = field(default_factory=NoLine)
+    loop_problem: Callable[[], str] = lambda: ""  # what is wrong with the loop's own threads, '' if nothing
 
     def __post_init__(self) -> None:
         self.workers: dict[int, WorkerHandle] = {}
@@ -261,6 +281,9 @@ class Arbiter:
         self.last_boot_seconds: float | None = None  # spawn to READY, of the last worker that loaded
         self.last_served_at: float | None = None  # when a worker was last seen to have served a request
         self.next_watchdog_at = 0.0
+        self.overloaded_since: float | None = None  # since when the fallback refuses newcomers (MAX_QUEUE)
+        self.none_up_since: float | None = None  # since when no worker is up (for the watchdog)
+        self.watchdog_withheld = ""  # why WATCHDOG=1 is not being sent, '' while it is
 
     # -- the loop
 
@@ -675,26 +698,108 @@ class Arbiter:
     def update_fallback(self) -> None:
         """Answer clients with a 503 that says why while no worker is up and none will be within a
         short wait: during a crash backoff, and while workers load for longer than that. Never
-        while a worker may accept: the fallback and a worker never accept on the socket at once."""
+        while a worker may accept: the fallback and a worker never accept on the socket at once.
+        And refuse newcomers at once while the service is overloaded (see why_overloaded)."""
         now = self.clock()
         self.note_the_service_is_back(now)
         unavailable = None if self.stopping else self.why_unavailable(now)
-        if unavailable is None or not self.workers_kept_out():
-            self.fallback.disable()  # returns once the fallback accepts no more ...
-            self.gate.open()  # ... and only then may a worker that waits at the gate accept
+        if unavailable is not None and self.workers_kept_out():
+            reason, retry_after = unavailable
+            if self.unavailable_since is None:
+                self.unavailable_since = now
+                log.warning("no worker can serve: clients get 503 with Retry-After until one is ready. %s", reason)
+            self.fallback.enable(reason, retry_after)
             return
-        reason, retry_after = unavailable
-        if self.unavailable_since is None:
-            self.unavailable_since = now
-            log.warning("no worker can serve: clients get 503 with Retry-After until one is ready. %s", reason)
-        self.fallback.enable(reason, retry_after)
+        overloaded = None if unavailable is not None else self.why_overloaded(now)
+        self.note_overload(overloaded, now)
+        if overloaded is None:
+            self.fallback.disable()  # returns once the fallback accepts no more ...
+        else:
+            self.fallback.enable(*overloaded, code="queue_full")
+        self.gate.open()  # ... and only then may a worker that waits at the gate accept
+
+    def why_overloaded(self, now: float) -> tuple[str, int] | None:
+        """With MAX_QUEUE set: why a newcomer should get a 503 at once, and when to retry; None
+        while a worker can take it. Workers are up, but each one is generating or holds a client
+        waiting for a slot (a worker holds one), and either the line is full or no worker is about
+        to finish loading. Left alone, newcomers would wait in the kernel's accept queue, where no
+        limit and no timeout reach them."""
+        limit = self.settings.max_queue
+        if limit is None or self.stopping or not self.in_phase(*UP):
+            return None
+        waiting = self.line.waiting()
+        if len(self.in_phase(Phase.READY)) > waiting:
+            return None  # a worker is free: it takes the client, and queues or refuses it itself
+        line_full = waiting >= limit
+        if not line_full and any(self.ready_soon(handle, now) for handle in self.in_phase(Phase.STARTING)):
+            return None  # a worker is about to be free: clients wait for it in the accept queue
+        retry_after = self.line.retry_after(waiting, self.settings.workers)
+        why = (f"{waiting} request(s) wait for one (MAX_QUEUE is {limit})" if line_full else
+               f"every worker is busy or holds a waiting request ({waiting} wait; MAX_QUEUE is {limit})")
+        return f"The server is at capacity: every inference slot is busy and {why}. Try again in about {retry_after} s.", retry_after
+
+    def note_overload(self, overloaded: tuple[str, int] | None, now: float) -> None:
+        if overloaded is not None and self.overloaded_since is None:
+            self.overloaded_since = now
+            log.warning("overloaded: newcomers get 503 with Retry-After at once. %s", overloaded[0])
+        elif overloaded is None and self.overloaded_since is not None:
+            log.info("no longer overloaded after %.1f s: workers take clients again", now - self.overloaded_since)
+            self.overloaded_since = None
 
     def notify_service_manager(self) -> None:
         now = self.clock()
         if not self.ready_notified and self.in_phase(Phase.READY):
             self.ready_notified = True
             self.notify("READY=1\nSTATUS=serving")
-        if now >= self.next_watchdog_at:
-            self.next_watchdog_at = now + self.timing.watchdog_interval
-            ready, busy = len(self.in_phase(Phase.READY)), len(self.in_phase(Phase.BUSY, Phase.DRAINING))
-            self.notify(f"WATCHDOG=1\nSTATUS={ready} worker(s) ready, {busy} busy")
+        if now < self.next_watchdog_at:
+            return
+        self.next_watchdog_at = now + self.timing.watchdog_interval
+        problem = self.why_unhealthy(now)
+        if problem:
+            if problem != self.watchdog_withheld:
+                log.error("withholding systemd's WATCHDOG=1 (systemd restarts the service when its WatchdogSec runs "
+                          "out): %s", problem)
+            self.watchdog_withheld = problem
+            self.notify(f"STATUS=unhealthy: {problem}")
+            return
+        if self.watchdog_withheld:
+            log.info("healthy again: WATCHDOG=1 resumes")
+            self.watchdog_withheld = ""
+        ready, busy = len(self.in_phase(Phase.READY)), len(self.in_phase(Phase.BUSY, Phase.DRAINING))
+        self.notify(f"WATCHDOG=1\nSTATUS={ready} worker(s) ready, {busy} busy")
+
+    def progress_limit(self) -> float:
+        """How long a generation may show no progress before the loop's own remedy (TERM, then KILL,
+        then a replacement) must have worked."""
+        return self.settings.stall_timeout + self.timing.hang_margin + self.settings.kill_timeout + 4 * self.timing.tick
+
+    def down_limit(self) -> float:
+        """How long no worker may be up, after the service has served, before it counts as stuck:
+        a load (BOOT_TIMEOUT), the longest backoff and a kill."""
+        return self.settings.boot_timeout + self.settings.restart_backoff_max + self.settings.kill_timeout
+
+    def why_unhealthy(self, now: float) -> str:
+        """Why WATCHDOG=1 should not be sent ('' if it should): a thread the loop relies on died,
+        or, once the service has served a request, workers stopped making progress: a generation
+        showed none for longer than the remedy takes, or no worker has been up for longer than a
+        load and a backoff take. Before the first request is served nothing is expected (a model
+        that never loads is answered with 503s, and a restart by systemd would not mend it)."""
+        if self.stopping:
+            return ""
+        problem = self.loop_problem()
+        if problem or self.last_served_at is None:
+            return problem
+        generating = [handle for handle in self.alive() if handle.generating and handle.phase is not Phase.EXITED]
+        if generating:
+            quiet = now - max(handle.progress_seen_at for handle in generating)
+            if quiet > self.progress_limit():
+                return f"no generation made progress for {quiet:.1f} s, and stopping the workers did not help"
+        if self.in_phase(*UP):
+            self.none_up_since = None
+            return ""
+        if self.none_up_since is None:
+            self.none_up_since = now
+        down = now - self.none_up_since
+        if down > self.down_limit():
+            return f"no worker has been up for {down:.1f} s ({self.failure_for_clients or 'workers keep failing'})"
+        return ""

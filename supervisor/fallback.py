@@ -2,11 +2,18 @@
 
 When workers keep failing to start (a broken model file, say), a client connecting would wait in
 the kernel's accept queue with no answer. Instead, while the arbiter says so, this thread accepts
-those connections and answers every request with a 503 in the OpenAI error format, a
-`Retry-After` header and a message that says why. It never races a worker: the arbiter enables it
-only while no worker process that could accept exists or the accept gate keeps them all out
-(api/accept_gate.py), and `disable()` returns only once no further `accept()` can happen, before
-the arbiter spawns the next worker or opens the gate.
+those connections and answers every request with a 503 in the error shape of the interface its
+path belongs to (api/wire/shapes.py), a `Retry-After` header and a message that says why; but
+`/health` gets a 200 (the service is alive: its supervisor runs) and `/ready` a 503 with the
+reason. In that case it never races a worker: the arbiter enables it only while no worker process
+that could accept exists or the accept gate keeps them all out (api/accept_gate.py), and
+`disable()` returns only once no further `accept()` can happen, before the arbiter spawns the next
+worker or opens the gate.
+
+The arbiter also enables it while the service is *overloaded* (MAX_QUEUE set): every worker is
+generating or holds a client waiting for a slot, and the line is full or no worker is about to be
+free. Then the workers are up, and one that becomes free may accept beside this thread; both answer
+a newcomer honestly (a worker queues it if there is room by then, or refuses it the same way).
 
 It applies the workers' own access rules (api/access.py: AUTHORIZED_URLS, then API_KEY on every
 route but the health checks), so a client that a worker would refuse gets the worker's 403 or 401
@@ -24,8 +31,11 @@ import threading
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from api.access import AccessPolicy
+from api.access import DEEP_CHECK_PATH, AccessPolicy, is_deep_check
 from api.errors import ApiError, ServiceUnavailable
+from api.wire.shapes import error_body
+
+READY_PATH = "/ready"
 
 READ_TIMEOUT = 2.0
 MAX_HEADER_BYTES = 65536
@@ -38,6 +48,7 @@ class RequestHead:
 
     path: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    query: str = ""
 
     @classmethod
     def parse(cls, head: bytes) -> RequestHead:
@@ -45,7 +56,8 @@ class RequestHead:
         request_line, *lines = head.decode("latin-1").split("\r\n")
         parts = request_line.split(" ")
         target = parts[1] if len(parts) == 3 else ""
-        path = unquote(target.partition("?")[0] if target.startswith("/") else urlsplit(target).path)
+        split = urlsplit(target if not target.startswith("/") else "http://host" + target)
+        path, query = unquote(split.path if target else ""), split.query
         headers: dict[str, str] = {}
         for line in lines:
             name, colon, value = line.partition(":")
@@ -54,27 +66,39 @@ class RequestHead:
                 continue
             value = value.strip(" \t")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value  # joined, as waitress does
-        return cls(path, headers)
+        return cls(path, headers, query)
 
 
-def error_response(error: ApiError) -> bytes:
-    """`error` as a complete HTTP response, in the same JSON shape as a worker's."""
-    body = json.dumps(error.to_dict(), separators=(",", ":")).encode() + b"\n"
-    head = [f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}",
-            "Content-Type: application/json", f"Content-Length: {len(body)}"]
-    if error.retry_after is not None:
-        head.append(f"Retry-After: {error.retry_after}")
+def json_response(status: int, body: object, retry_after: int | None = None) -> bytes:
+    """A complete HTTP response with a JSON body."""
+    data = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+    head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+            "Content-Type: application/json", f"Content-Length: {len(data)}"]
+    if retry_after is not None:
+        head.append(f"Retry-After: {retry_after}")
     head += ["Connection: close", "Server: gpt4all-api-supervisor"]
-    return "\r\n".join([*head, "", ""]).encode("latin-1") + body
+    return "\r\n".join([*head, "", ""]).encode("latin-1") + data
 
 
-def decide(request: RequestHead, client: str, access: AccessPolicy, unavailable: ApiError) -> ApiError:
-    """The answer for one request: the workers' refusal if they would refuse it, else the 503."""
+def error_response(error: ApiError, path: str = "") -> bytes:
+    """`error` as a complete HTTP response, in the JSON shape a worker gives on `path`."""
+    return json_response(error.status, error_body(path, error), error.retry_after)
+
+
+def decide(request: RequestHead, client: str, access: AccessPolicy, unavailable: ApiError) -> bytes:
+    """The answer for one request: the workers' refusal if they would refuse it; for /health, alive
+    (the supervisor runs) unless it is the deep check, which no worker can run now; for /ready, the
+    reason; else the 503."""
     try:
-        access.check(client, request.path, request.headers.get("authorization"), request.headers.get("x-api-key"))
+        access.check(client, request.path, request.headers.get("authorization"), request.headers.get("x-api-key"),
+                     request.query)
     except ApiError as refusal:
-        return refusal
-    return unavailable
+        return error_response(refusal, request.path)
+    if request.path == DEEP_CHECK_PATH and not is_deep_check(request.path, request.query):
+        return json_response(200, {"status": "live", "ready": False, "reason": unavailable.message})
+    if request.path in (READY_PATH, DEEP_CHECK_PATH):
+        return json_response(503, {"status": "unavailable", "reason": unavailable.message}, unavailable.retry_after)
+    return error_response(unavailable, request.path)
 
 
 class FallbackResponder:
@@ -89,14 +113,18 @@ class FallbackResponder:
         self._thread = threading.Thread(target=self._run, name="fallback-503", daemon=True)
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() or self._closed
+
     def set_access(self, access: AccessPolicy) -> None:
         """Apply reloaded access settings (API_KEY, AUTHORIZED_URLS, DOCS_PUBLIC)."""
         with self._condition:
             self._access = access
 
-    def enable(self, reason: str, retry_after: int) -> None:
+    def enable(self, reason: str, retry_after: int, code: str | None = None) -> None:
         with self._condition:
-            self._unavailable = ServiceUnavailable(reason, retry_after=retry_after)
+            self._unavailable = ServiceUnavailable(reason, retry_after=retry_after, code=code)
             self._enabled = True
             self._condition.notify_all()
 
@@ -146,7 +174,7 @@ def answer(connection: socket.socket, client: str, access: AccessPolicy, unavail
         connection.settimeout(READ_TIMEOUT)
         with contextlib.suppress(OSError):
             request = read_request(connection)
-            connection.sendall(error_response(decide(request, client, access, unavailable)))
+            connection.sendall(decide(request, client, access, unavailable))
             connection.shutdown(socket.SHUT_WR)
             connection.recv(1024)  # wait briefly for the client to close first
 

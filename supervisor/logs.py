@@ -153,6 +153,12 @@ class LogWriter:
         root.setLevel(self.level)
         return self
 
+    @property
+    def running(self) -> bool:
+        """Whether the writer thread runs (QueueListener keeps it private)."""
+        thread = getattr(self.listener, "_thread", None)
+        return thread is not None and thread.is_alive()
+
     def follow(self, stream: IO[bytes], tag: str, on_eof: Callable[[], None] = lambda: None) -> None:
         """Read `stream` line by line until it closes, writing each line tagged `[tag]`."""
         reader = threading.Thread(target=self._pump, args=(stream, f"[{tag}]", on_eof), name=f"log {tag}", daemon=True)

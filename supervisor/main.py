@@ -25,6 +25,7 @@ from api.accept_gate import AcceptGate
 from api.access import AccessPolicy
 from api.config import ConfigError, Settings, check_model_files, load_settings
 from api.protocol import is_sentinel_name, read_sentinel
+from api.slot_queue import SlotQueue, is_ticket_name
 from supervisor.arbiter import Arbiter, Timing
 from supervisor.fallback import FallbackResponder
 from supervisor.logs import LogWriter
@@ -129,9 +130,11 @@ class Supervisor:
             cleanup.callback(ops.close)
             self.fallback = FallbackResponder(listener, AccessPolicy.from_settings(settings))
             cleanup.callback(self.fallback.close)
+            self.logs = logs
             self.arbiter = Arbiter(settings, ops, notify=notify, fallback=self.fallback, gate=AcceptGate(settings.run_dir),
                                    reload_settings=self.reload_settings,
-                                   timing=Timing(watchdog_interval=min(1.0, notify.watchdog_interval or 1.0)))
+                                   timing=Timing(watchdog_interval=min(1.0, notify.watchdog_interval or 1.0)),
+                                   line=SlotQueue(settings.run_dir, settings.max_queue), loop_problem=self.loop_problem)
             cleanup.callback(self.kill_survivors)
             cleanup.enter_context(self.watching(settings.run_dir))
             self.install_signal_handlers()
@@ -151,6 +154,14 @@ class Supervisor:
         self.fallback.set_access(AccessPolicy.from_settings(settings))
         return settings
 
+    def loop_problem(self) -> str:
+        """What is wrong with the threads the loop relies on ('' if nothing): what stops WATCHDOG=1."""
+        if not self.fallback.running:
+            return "the 503 fallback thread has died"
+        if not self.logs.running:
+            return "the log writer thread has died"
+        return ""
+
     def loop(self) -> None:
         while self.arbiter.tick():
             self.waker.wait(self.arbiter.timing.tick)
@@ -166,12 +177,14 @@ class Supervisor:
 
         class SentinelEvents(FileSystemEventHandler):
             # Only writes: the loop's own reads raise "opened"/"closed_no_write" events, and
-            # waking on those would make the loop wake itself forever.
+            # waking on those would make the loop wake itself forever. Tickets of the line for a
+            # slot wake it too: the overload fallback follows the line's length.
             WAKING = frozenset({"moved", "created", "modified", "deleted"})
 
             def on_any_event(self, event: FileSystemEvent) -> None:
                 path = event.dest_path if event.event_type == "moved" else event.src_path
-                if event.event_type in self.WAKING and is_sentinel_name(os.path.basename(os.fsdecode(path))):
+                name = os.path.basename(os.fsdecode(path))
+                if event.event_type in self.WAKING and (is_sentinel_name(name) or is_ticket_name(name)):
                     waker.wake()
 
         observer = Observer()

@@ -233,7 +233,7 @@ def test_docs_need_the_key_by_default_when_one_is_set(tmp_path: Path) -> None:
     assert client.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     document = document_of(client, **{"X-Api-Key": KEY})
     assert document["security"] == [{"bearer": []}, {"apiKeyHeader": []}]
-    for path in ["/health", "/check", "/v1/health", "/v1/health/", "/", "/api/version"]:
+    for path in ["/health", "/ready", "/check", "/v1/health", "/v1/health/", "/", "/api/version"]:
         assert document["paths"][path]["get"]["security"] == []
         assert client.get(path).status_code in (200, 503), path  # open: no key needed
     assert "security" not in document["paths"]["/v0/language-models/retrieve"]["post"]
@@ -281,6 +281,7 @@ def _case(method: str, path: str, body: object = None, status: int = 200, templa
 HI = [{"role": "user", "content": "Hi"}]
 CASES = [
     _case("get", "/health"),
+    _case("get", "/ready"),
     _case("post", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 3}),
     _case("post", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 3}, headers={"Accept": "application/json"}),
     _case("post", "/gpt4all_api", {"prompt": 5}, 400),

@@ -264,7 +264,7 @@ def ask(service: Service, path: str, headers: dict[str, str], client: str) -> tu
     """One request from the loopback address `client`: (status, JSON body)."""
     connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10, source_address=(client, 0))
     try:
-        if path == "/health":
+        if path in ("/health", "/ready"):
             connection.request("GET", path, headers=headers)
         else:
             connection.request("POST", path, body=json.dumps(CHAT), headers={"Content-Type": "application/json", **headers})
@@ -300,9 +300,12 @@ def test_the_503_fallback_refuses_whom_a_worker_refuses_and_names_no_path_pid_or
     # the fallback refuses exactly whom a worker refused, with the same status and error body
     from_the_fallback = {case: ask(service, *request) for case, request in REFUSED.items()}
     assert from_the_fallback == from_a_worker
-    # the health check needs no key, as on a worker
+    # the health checks need no key, as on a worker: the service is alive, and not ready, and says why
     status, body = ask(service, "/health", {}, "127.0.0.1")
-    assert status == 503 and body["error"]["code"] == "service_unavailable"  # type: ignore[index]
+    assert status == 200 and body["status"] == "live" and body["ready"] is False, body
+    status, body = ask(service, "/ready", {}, "127.0.0.1")
+    assert status == 503 and str(body["reason"]).startswith("No worker can serve requests right now: the model could "
+                                                            "not be loaded."), body
 
 
 def test_the_503_fallback_takes_the_api_key_of_a_reload(

@@ -28,6 +28,7 @@ from api.generation import Generation, GenerationRequest, Outcome
 from api.model_names import model_id
 from api.sampling import SamplingParams
 from api.wire import anthropic_schemas as schemas
+from api.wire import shapes
 from api.wire.common import client_disconnected, closing, error_reply, json_body, runtime, sse_response, stop_strings
 from api.wire.operation import GENERATION_ERRORS, Reply, documented
 from api.wire.validation import parse
@@ -35,15 +36,8 @@ from api.wire.validation import parse
 blueprint = Blueprint("anthropic", __name__)
 
 TAGS = ("Anthropic: messages",)
-PATH = "/v1/messages"
-
-# Anthropic's error type for each status (https://docs.anthropic.com/en/api/errors); 503 is ours for
-# "the model is loading or busy", which Anthropic calls overloaded (its own status for that is 529).
-ERROR_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
-    503: "overloaded_error", 504: "timeout_error",
-}
+PATH = shapes.ANTHROPIC_PATH
+ERROR_TYPES = shapes.ANTHROPIC_ERROR_TYPES
 ERRORS = {
     404: "The model is not installed (not_found_error; the message lists the installed ones).",
     503: "The model is loading or busy (overloaded_error); retry after `Retry-After` seconds.",
@@ -55,14 +49,8 @@ assert ERRORS.keys() == GENERATION_ERRORS.keys(), "the same failures as every ro
 # -- errors in Anthropic's shape
 
 
-def owns(path: str) -> bool:
-    """Whether a request path belongs to this interface, and so gets its errors in Anthropic's shape."""
-    return path == PATH or path.startswith(PATH + "/")
-
-
-def error_body(error: ApiError) -> dict[str, Any]:
-    kind = ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
-    return {"type": "error", "error": {"type": kind, "message": error.message}}
+owns = shapes.anthropic_owns
+error_body = shapes.anthropic_error_body
 
 
 def error_response(error: ApiError) -> Response:

@@ -39,6 +39,7 @@ from api.gguf_file import SPECIAL_TOKEN_TEXT_KEYS, GGUFFormatError, read_gguf_he
 from api.model_names import InstalledModel, ModelNameError, file_name_for, model_id
 from api.sampling import SamplingParams
 from api.wire import ollama_schemas as schemas
+from api.wire import shapes
 from api.wire.common import client_disconnected, closing, error_reply, json_body, runtime, stop_strings
 from api.wire.operation import Reply, documented
 from api.wire.validation import parse
@@ -66,14 +67,12 @@ EMBEDDING_ERRORS = {404: "Not the embedding model (unknown, or a chat model).", 
 # -- errors in Ollama's shape
 
 
-def owns(path: str) -> bool:
-    """Whether a request path belongs to this interface, and so gets its errors in Ollama's shape."""
-    return path == "/" or path.startswith("/api/")
+owns = shapes.ollama_owns
 
 
 def error_response(error: ApiError) -> Response:
     """Ollama's error body, {"error": "..."}, with the status and Retry-After."""
-    return error_reply(error, {"error": error.message})
+    return error_reply(error, shapes.ollama_error_body(error))
 
 
 # -- model names and the GGUF header

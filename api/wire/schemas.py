@@ -127,10 +127,22 @@ class OriginalReply(ResponseModel):
     timings: Timings
 
 
+class DeepCheck(ResponseModel):
+    seconds: float = Field(description="How long the one-token generation took, waiting for a slot included.")
+    tokens: int = Field(description="Tokens generated (1, or 0 if the model stopped at once).")
+
+
 class Health(ResponseModel):
     status: Literal["loading", "ready", "failed"]
     model: str = Field(description="The chat model file this worker serves.")
-    reason: str | None = Field(None, description="Why loading failed.")
+    reason: str | None = Field(None, description="Why loading (or the deep check) failed.")
+    deep: DeepCheck | None = Field(None, description="With `?deep=1`: the one-token generation that was run.")
+
+
+class Readiness(ResponseModel):
+    status: Literal["ready", "unavailable"]
+    reason: str | None = Field(None, description="Why a request sent now would not be served.")
+    waiting: int | None = Field(None, description="Requests waiting for an inference slot.")
 
 
 # -- OpenAI-compatible /v1

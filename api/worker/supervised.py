@@ -50,7 +50,10 @@ class SupervisedWorker:
         self.settings = settings
         self.lifecycle = lifecycle
         self.commands = commands
-        self.runtime = Runtime(settings, lifecycle, InferenceSlots(settings.run_dir, settings.workers))
+        slots = InferenceSlots(settings.run_dir, settings.workers, max_queue=settings.max_queue,
+                               queue_timeout=settings.queue_timeout)
+        self.runtime = Runtime(settings, lifecycle, slots)
+        self.runtime.stopping = lambda: lifecycle.exit_code == EXIT_STOPPED
         app = create_app(settings, self.runtime)
         # Two servers, each with its own loop and threads: health probes on the control port never
         # queue behind requests waiting for the model on the public socket (a false "hung").
