@@ -56,7 +56,10 @@ class RequestHead:
         request_line, *lines = head.decode("latin-1").split("\r\n")
         parts = request_line.split(" ")
         target = parts[1] if len(parts) == 3 else ""
-        split = urlsplit(target if not target.startswith("/") else "http://host" + target)
+        try:
+            split = urlsplit(target if not target.startswith("/") else "http://host" + target)
+        except ValueError:  # a broken target (an unclosed "[")
+            split = urlsplit("")
         path, query = unquote(split.path if target else ""), split.query
         headers: dict[str, str] = {}
         for line in lines:

@@ -77,7 +77,7 @@ class ServerProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def wait_ready(self, timeout: float = 30.0, path: str = "/health",
+    def wait_ready(self, timeout: float = 30.0, path: str = "/ready",
                    accept: Callable[[int], bool] = lambda status: status == 200) -> ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -141,8 +141,9 @@ class FakeFallback:
         self.enabled: tuple[str, int] | None = None
         self.history: list[bool] = []
 
-    def enable(self, reason: str, retry_after: int) -> None:
+    def enable(self, reason: str, retry_after: int, code: str | None = None) -> None:
         self.enabled = (reason, retry_after)
+        self.code = code
         self.history.append(True)
 
     def disable(self) -> None:
@@ -170,18 +171,33 @@ class FakeGate:
             self.closed = False
 
 
+class FakeLine:
+    """The line for a slot: as many waiting as the test says; Retry-After 3 s per request."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def waiting(self) -> int:
+        return self.count
+
+    def retry_after(self, waiting: int, slots: int = 1) -> int:
+        return 3 * (waiting + 1) // slots
+
+
 class Harness:
     def __init__(self, *, with_gate: bool = False, **overrides: object) -> None:
         self.clock = FakeClock()
         self.ops = FakeOps()
         self.fallback = FakeFallback()
         self.gate = FakeGate(self.fallback)
+        self.line = FakeLine()
+        self.problem = ""
         self.notes: list[str] = []
         self.reloaded: Settings | None = None
         gate = {"gate": self.gate} if with_gate else {}
         self.arbiter = Arbiter(make_settings(**overrides), self.ops, clock=self.clock, rng=random.Random(7),
                                notify=self.notes.append, fallback=self.fallback, reload_settings=self.reload,
-                               timing=Timing(tick=0.25), **gate)
+                               timing=Timing(tick=0.25), line=self.line, loop_problem=lambda: self.problem, **gate)
 
     def reload(self) -> Settings:
         assert self.reloaded is not None
@@ -775,6 +791,85 @@ def test_watchdog_pings_while_the_loop_runs() -> None:
     h.notes.clear()
     h.run(3)
     assert 2 <= sum(note.startswith("WATCHDOG=1") for note in h.notes) <= 4
+
+
+def pings(notes: list[str]) -> int:
+    return sum(note.startswith("WATCHDOG=1") for note in notes)
+
+
+def test_watchdog_pings_stop_while_the_loops_threads_are_broken() -> None:
+    h = Harness()
+    h.ready_pool()
+    h.problem = "the log writer thread has died"
+    h.notes.clear()
+    h.run(3)
+    assert pings(h.notes) == 0 and "STATUS=unhealthy: the log writer thread has died" in h.notes
+    h.problem = ""
+    h.run(2)
+    assert pings(h.notes) >= 1
+
+
+def test_watchdog_pings_stop_once_served_while_a_generation_shows_no_progress_past_every_remedy() -> None:
+    h = Harness(RESTART_AFTER_REQUESTS=0, STALL_TIMEOUT=2, KILL_TIMEOUT=1)
+    a, _spare = h.ready_pool()
+    a.start_generation(drains=False)
+    h.tick()
+    a.report(WorkerState.READY, generating=False, requests_served=1)
+    h.tick()
+    assert h.arbiter.last_served_at is not None
+    a.start_generation(drains=False)  # and then nothing: TERM, KILL, and the process still does not go
+    h.tick()
+    h.notes.clear()
+    h.run(h.arbiter.progress_limit() + 2)
+    assert a.signals[:2] == ["TERM", "KILL"]
+    assert any(note.startswith("STATUS=unhealthy: no generation made progress") for note in h.notes), h.notes
+    assert not h.notes[-1].startswith("WATCHDOG=1")
+
+
+def test_watchdog_keeps_pinging_before_the_first_request_even_if_no_worker_ever_loads() -> None:
+    h = Harness(RESTART_BACKOFF_MAX=2, BOOT_TIMEOUT=2)
+    for _ in range(40):
+        fail_booting(h)
+        h.tick(0.25)
+    assert pings(h.notes) >= 8 and not any("unhealthy" in note for note in h.notes)
+
+
+def test_overload_refuses_newcomers_only_with_max_queue_while_no_worker_is_free() -> None:
+    h = Harness(MAX_QUEUE=1, RESTART_AFTER_REQUESTS=0)
+    a, _spare = h.ready_pool()
+    a.start_generation(drains=False)
+    h.tick()
+    assert h.fallback.enabled is None, "the spare is free: it takes the next client itself"
+    h.line.count = 1  # the spare holds a waiting client
+    h.tick()
+    assert h.fallback.enabled is not None and h.fallback.code == "queue_full"
+    reason, retry_after = h.fallback.enabled
+    assert "MAX_QUEUE is 1" in reason and retry_after == 6
+    h.line.count = 0
+    h.tick()
+    assert h.fallback.enabled is None
+    unbounded = Harness(RESTART_AFTER_REQUESTS=0)
+    b, _spare = unbounded.ready_pool()
+    b.start_generation(drains=False)
+    unbounded.line.count = 1
+    unbounded.tick()
+    assert unbounded.fallback.enabled is None, "no MAX_QUEUE: clients wait in the accept queue, as they always did"
+
+
+def test_overload_waits_for_a_worker_about_to_load_unless_the_line_is_full() -> None:
+    h = Harness(MAX_QUEUE=2)
+    a, _spare = h.ready_pool()
+    a.start_generation()  # draining after this request: its replacement starts loading
+    h.line.count = 1  # the spare holds a waiting client
+    h.tick()
+    assert sorted(handle.phase.value for handle in h.arbiter.workers.values()) == ["draining", "ready", "starting"]
+    assert h.fallback.enabled is None, "the replacement is due: newcomers wait for it, it will queue one"
+    h.line.count = 2
+    h.tick()
+    assert h.fallback.enabled is not None, "the line is full: the replacement could only refuse them"
+    h.line.count = 1
+    h.tick(h.arbiter.timing.short_wait + 1)
+    assert h.fallback.enabled is not None, "the replacement is late: no worker is about to be free"
 
 
 def test_the_end_of_the_503_period_is_logged_even_if_the_ready_state_was_never_seen(
