@@ -62,6 +62,8 @@ def refused(start: StartDaemon, count: int, *, waiters: int = 0, **settings: obj
         holders = [Holder(service).generating()]
         holders += [Holder(service) for _ in range(waiters)]  # each waits inside a spare, in line for the slot
         service.wait_for(lambda: len(list(service.run_dir.glob("queue-*.ticket"))) == waiters, 30, "the waiters")
+        if waiters:  # the supervisor has seen them: from now on it answers newcomers
+            service.wait_for(lambda: "overloaded: newcomers get 503" in service.log(), 30, "the overload noticed")
         try:
             replies = [post_json(service.port, "/v1/chat/completions", EXTRA) for _ in range(count)]
         finally:

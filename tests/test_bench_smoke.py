@@ -50,6 +50,11 @@ def test_quick_bench_completes_and_writes_json(tmp_path: Path) -> None:
     assert all(row["replaced_after_s"] >= row["hung_after_s"] > 0 for name, row in scenarios["recovery"].items()
                if name.startswith("SIGSTOP"))
     assert scenarios["memory"]["2 worker(s), 1 spare(s)"]["processes"] > scenarios["memory"]["1 worker(s), 0 spare(s)"]["processes"]
+    queue = scenarios["queue"]
+    assert queue["refused by the supervisor (workers all taken)"]["answered_by_supervisor"] == \
+        queue["refused by the supervisor (workers all taken)"]["requests"]
+    assert queue["refused by a worker (line full)"]["answered_by_supervisor"] == 0
+    assert queue["queue bookkeeping in process"]["per_request_us"] > 0
     assert "one_token_request, restart every request" in stdout
 
 
