@@ -8,6 +8,7 @@ them by closing the stream, and the fixture checks that no process is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,29 @@ def waiting(service: Service) -> int:
     return len(list(service.run_dir.glob("queue-*.ticket")))
 
 
+def start_with_ready_workers(start_service: Callable[..., Service], **settings: object) -> Service:
+    """A service with WORKERS=1 and every worker READY."""
+    service = start_service(WORKERS=1, **settings)
+    expected = 1 + int(settings.get("WARM_SPARES", 1))  # type: ignore[call-overload]
+    service.wait_for(lambda: service.ready_count() == expected, 20, f"{expected} ready workers")
+    return service
+
+
+@contextlib.contextmanager
+def slot_held(service: Service, waiters: int = 0) -> Iterator[None]:
+    """For the block: an ENDLESS stream generating (the one slot taken) and `waiters` more in line."""
+    streams = [Endless(service)]
+    try:
+        assert streams[0].first_bytes().startswith(b"HTTP/1.1 200")
+        for count in range(1, waiters + 1):
+            streams.append(Endless(service))
+            service.wait_for(lambda count=count: waiting(service) == count, 10, f"{count} stream(s) waiting in line")
+        yield
+    finally:
+        for stream in streams:
+            stream.close()
+
+
 def post_in_background(url: str, body: dict[str, object], results: dict[str, object], name: str,
                        path: str = "/v1/completions") -> threading.Thread:
     def run() -> None:
@@ -67,13 +91,8 @@ def timed_post(service: Service, path: str, body: dict[str, object]) -> tuple[re
 
 def test_a_full_line_is_a_503_with_retry_after_at_once_in_each_interfaces_shape(
         start_service: Callable[..., Service]) -> None:
-    service = start_service(WORKERS=1, WARM_SPARES=3, RESTART_AFTER_REQUESTS=0, MAX_QUEUE=1)
-    service.wait_for(lambda: service.ready_count() == 4, 20, "four ready workers")
-    running = Endless(service)
-    assert running.first_bytes().startswith(b"HTTP/1.1 200")
-    waiter = Endless(service)
-    try:
-        service.wait_for(lambda: waiting(service) == 1, 10, "the second stream waiting in line")
+    service = start_with_ready_workers(start_service, WARM_SPARES=3, RESTART_AFTER_REQUESTS=0, MAX_QUEUE=1)
+    with slot_held(service, waiters=1):
         response, seconds = timed_post(service, "/v1/completions", SHORT)
         assert response.status_code == 503 and seconds < QUICKLY, (response.status_code, seconds)
         assert response.json()["error"]["code"] == "queue_full"
@@ -87,9 +106,6 @@ def test_a_full_line_is_a_503_with_retry_after_at_once_in_each_interfaces_shape(
         assert ready.status_code == 503 and "at capacity" in ready.json()["reason"] and ready.json()["waiting"] == 1
         assert requests.get(service.url + "/health", timeout=10).status_code == 200, "alive while at capacity"
         assert waiting(service) == 1, "the refused requests took no place"
-    finally:
-        running.close()
-        waiter.close()
     service.wait_for(lambda: requests.get(service.url + "/ready", timeout=10).status_code == 200, 20, "ready again")
 
 
@@ -97,13 +113,8 @@ def test_past_what_the_workers_can_hold_the_supervisor_answers_newcomers_at_once
         start_service: Callable[..., Service]) -> None:
     """Every worker is generating or holds a waiting client: a newcomer would sit in the kernel's
     accept queue, where no worker looks. The supervisor's fallback answers it instead."""
-    service = start_service(WORKERS=1, WARM_SPARES=1, RESTART_AFTER_REQUESTS=0, MAX_QUEUE=5)
-    service.wait_for(lambda: service.ready_count() == 2, 20, "two ready workers")
-    running = Endless(service)
-    assert running.first_bytes().startswith(b"HTTP/1.1 200")
-    waiter = Endless(service)
-    try:
-        service.wait_for(lambda: waiting(service) == 1, 10, "the second stream waiting in line")
+    service = start_with_ready_workers(start_service, WARM_SPARES=1, RESTART_AFTER_REQUESTS=0, MAX_QUEUE=5)
+    with slot_held(service, waiters=1):
         response, seconds = timed_post(service, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 503 and seconds < QUICKLY, (response.status_code, seconds)
         assert response.headers["Server"] == "gpt4all-api-supervisor"
@@ -111,32 +122,24 @@ def test_past_what_the_workers_can_hold_the_supervisor_answers_newcomers_at_once
         ready = requests.get(service.url + "/ready", timeout=10)
         assert ready.status_code == 503 and "at capacity" in ready.json()["reason"]
         assert requests.get(service.url + "/health", timeout=10).json()["status"] == "live"
-    finally:
-        running.close()
-        waiter.close()
     service.wait_for(lambda: service.chat().status_code == 200, 20, "served again")
     assert "overloaded: newcomers get 503" in service.log() and "no longer overloaded" in service.log()
 
 
 def test_queue_timeout_gives_a_503_after_that_long(start_service: Callable[..., Service]) -> None:
-    service = start_service(WORKERS=1, WARM_SPARES=1, RESTART_AFTER_REQUESTS=0, MAX_QUEUE=2, QUEUE_TIMEOUT=1.5)
-    service.wait_for(lambda: service.ready_count() == 2, 20, "two ready workers")
-    running = Endless(service)
-    try:
-        assert running.first_bytes().startswith(b"HTTP/1.1 200")
+    service = start_with_ready_workers(start_service, WARM_SPARES=1, RESTART_AFTER_REQUESTS=0, MAX_QUEUE=2,
+                                       QUEUE_TIMEOUT=1.5)
+    with slot_held(service):
         response, seconds = timed_post(service, "/v1/completions", SHORT)
         assert response.status_code == 503 and response.json()["error"]["code"] == "queue_timeout", response.text
         assert 1.4 <= seconds < 1.5 + QUICKLY, seconds
         assert "QUEUE_TIMEOUT (1.5 s)" in response.json()["error"]["message"]
         assert waiting(service) == 0
-    finally:
-        running.close()
 
 
 def test_a_client_that_leaves_gives_up_its_place_at_once_and_the_line_is_first_come_first_served(
         start_service: Callable[..., Service]) -> None:
-    service = start_service(WORKERS=1, WARM_SPARES=3, RESTART_AFTER_REQUESTS=0, MAX_QUEUE=2)
-    service.wait_for(lambda: service.ready_count() == 4, 20, "four ready workers")
+    service = start_with_ready_workers(start_service, WARM_SPARES=3, RESTART_AFTER_REQUESTS=0, MAX_QUEUE=2)
     running = Endless(service)
     results: dict[str, object] = {}
     try:
@@ -161,12 +164,9 @@ def test_a_client_that_leaves_gives_up_its_place_at_once_and_the_line_is_first_c
 
 
 def test_ready_follows_a_frozen_generation_and_the_recovery(start_service: Callable[..., Service]) -> None:
-    service = start_service(WORKERS=1, WARM_SPARES=1, MAX_QUEUE=0)
-    service.wait_for(lambda: service.ready_count() == 2, 20, "two ready workers")
+    service = start_with_ready_workers(start_service, WARM_SPARES=1, MAX_QUEUE=0)
     assert requests.get(service.url + "/ready", timeout=10).status_code == 200
-    running = Endless(service)
-    try:
-        assert running.first_bytes().startswith(b"HTTP/1.1 200")
+    with slot_held(service):
         pid = service.busy_worker()
         os.kill(pid, signal.SIGSTOP)
         ready = requests.get(service.url + "/ready", timeout=10)  # a spare answers: the slot is held
@@ -174,8 +174,6 @@ def test_ready_follows_a_frozen_generation_and_the_recovery(start_service: Calla
         service.wait_for(lambda: requests.get(service.url + "/ready", timeout=10).status_code == 200, 20,
                          "ready once the frozen worker is gone")
         assert f"(pid {pid}) seems hung" in service.log()
-    finally:
-        running.close()
 
 
 def test_ready_says_why_while_the_model_cannot_load_and_health_stays_live(
@@ -201,9 +199,7 @@ def test_ready_says_why_while_the_model_cannot_load_and_health_stays_live(
 
 def test_ready_is_not_200_once_a_graceful_stop_began(start_service: Callable[..., Service]) -> None:
     service = start_service(GRACEFUL_TIMEOUT=10)
-    running = Endless(service)
-    try:
-        assert running.first_bytes().startswith(b"HTTP/1.1 200")
+    with slot_held(service):
         service.signal(signal.SIGTERM)
 
         def refused_or_503() -> bool:
@@ -213,8 +209,6 @@ def test_ready_is_not_200_once_a_graceful_stop_began(start_service: Callable[...
                 return True
 
         service.wait_for(refused_or_503, 5, "/ready refusing once the stop began")
-    finally:
-        running.close()
 
 
 def test_the_deep_check_generates_a_token_needs_the_key_and_counts_as_a_request(
@@ -235,17 +229,12 @@ def test_the_deep_check_generates_a_token_needs_the_key_and_counts_as_a_request(
 
 
 def test_the_deep_check_fails_fast_while_every_slot_is_busy(start_service: Callable[..., Service]) -> None:
-    service = start_service(WORKERS=1, WARM_SPARES=1, MAX_QUEUE=0)
-    service.wait_for(lambda: service.ready_count() == 2, 20, "two ready workers")
-    running = Endless(service)
-    try:
-        assert running.first_bytes().startswith(b"HTTP/1.1 200")
+    service = start_with_ready_workers(start_service, WARM_SPARES=1, MAX_QUEUE=0)
+    with slot_held(service):
         started = time.monotonic()
         response = requests.get(service.url + "/health?deep=1", timeout=20)
         assert response.status_code == 503 and time.monotonic() - started < QUICKLY
         assert response.json()["reason"].startswith("the deep check failed: The server is at capacity")
-    finally:
-        running.close()
 
 
 # -- systemd's watchdog, on a real notify socket

@@ -84,7 +84,8 @@ def agenerate() -> Response:
 def embeddings() -> Response:
     body = parse(schemas.LlmEmbeddingsRequest, json_body())
     state = runtime()
-    vectors, _tokens = state.service.embed(state.models.embedding_model(None), [body.text], field="text")
+    vectors, _tokens = state.service.embed(state.models.embedding_model(None), [body.text], field="text",
+                                            is_disconnected=client_disconnected())
     return jsonify(vectors[0])
 
 

@@ -445,7 +445,7 @@ def embed() -> Response:
     body = parse(schemas.OllamaEmbedRequest, json_body())
     texts = list(body.input) if isinstance(body.input, list) else [body.input] if body.input else []
     model = _embedding_model(body.model)
-    vectors, tokens = runtime().service.embed(model, texts, field="input") if texts else ([], 0)
+    vectors, tokens = runtime().service.embed(model, texts, field="input", is_disconnected=client_disconnected()) if texts else ([], 0)
     if body.dimensions and vectors and body.dimensions != len(vectors[0]):  # 0: not given (Go's zero value)
         raise InvalidRequest(f"'dimensions' must be {len(vectors[0])} for this model (it cannot be shortened)",
                              param="dimensions")
@@ -461,5 +461,6 @@ def embed() -> Response:
 def embeddings() -> Response:
     body = parse(schemas.OllamaEmbeddingsRequest, json_body())
     model = _embedding_model(body.model)
-    vectors, _tokens = runtime().service.embed(model, [body.prompt], field="prompt") if body.prompt else ([[]], 0)
+    vectors, _tokens = runtime().service.embed(model, [body.prompt], field="prompt",
+                                                  is_disconnected=client_disconnected()) if body.prompt else ([[]], 0)
     return jsonify({"embedding": vectors[0]})

@@ -13,7 +13,7 @@ from api.errors import InvalidRequest, ModelNotFound
 from api.model_download import DISABLED_MESSAGE, DownloadDisabled
 from api.model_names import InstalledModel, ModelNameError, file_name_for, model_id
 from api.wire import schemas
-from api.wire.common import downloader, json_body, runtime
+from api.wire.common import client_disconnected, downloader, json_body, runtime
 from api.wire.operation import Reply, documented
 from api.wire.validation import parse
 
@@ -142,7 +142,7 @@ def embeddings() -> Response:
     texts = _embedding_inputs(body)
     state = runtime()
     model = state.models.embedding_model(body.model)
-    vectors, tokens = state.service.embed(model, texts)
+    vectors, tokens = state.service.embed(model, texts, is_disconnected=client_disconnected())
     if body.dimensions is not None and body.dimensions != len(vectors[0]):
         raise InvalidRequest(f"'dimensions' must be {len(vectors[0])} for this model (it cannot be shortened)",
                              param="dimensions")
