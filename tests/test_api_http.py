@@ -106,7 +106,7 @@ WAITRESS_REFUSALS = {
     "body over MAX_REQUEST_BYTES": (POST_HEAD + f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode(),
                                     413, "request_too_large", "larger than MAX_REQUEST_BYTES"),
     "chunked body over MAX_REQUEST_BYTES": (POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
-                                            + f"{MAX_BODY + 1:x}\r\n".encode().ljust(MAX_BODY, b"x"),
+                                            + f"{MAX_BODY + 1:x}\r\n".encode().ljust(MAX_BODY + 1, b"x"),
                                             413, "request_too_large", "larger than MAX_REQUEST_BYTES"),
     "bad Content-Length": (POST_HEAD + b"Content-Length: ten\r\n\r\n", 400, None, "Content-Length is invalid"),
     "bad chunk framing": (POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400, None, "Invalid chunk size"),
@@ -151,6 +151,14 @@ def test_oversized_body_is_a_413(tiny_worker: ServerProcess) -> None:
     response = requests.post(tiny_worker.url + "/gpt4all_api", data=body,
                              headers={"Content-Type": "application/json"}, timeout=30)
     assert response.status_code == 413
+
+
+def test_a_body_of_exactly_max_request_bytes_is_accepted(tiny_worker: ServerProcess) -> None:
+    """MAX_REQUEST_BYTES is the largest body accepted; waitress refuses at its own limit, not above it."""
+    body = json.dumps({"prompt": "x", "temperature": 0, "max_tokens": 3}).encode().ljust(MAX_BODY, b" ")
+    reply = raw_exchange(tiny_worker.port, POST_HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert reply.status == 200, reply
+    assert json.loads(reply.body)["choices"][0]["text"] == "yz"
 
 
 LONG = "word " * 400  # 2000 byte tokens > the tiny model's 512
