@@ -193,7 +193,7 @@ FIELDS: tuple[Field, ...] = (
     Field("DEFAULT_MAX_TOKENS", "512", _integer(1), "Reply length limit when a request does not set max_tokens."),
     # -- access and limits
     Field("API_KEY", "", _text, "If set: required on every route but /health, as `Authorization: Bearer` or `X-Api-Key`."),
-    Field("MAX_REQUEST_BYTES", "1048576", _integer(1024), "Largest request body accepted (413 above it)."),
+    Field("MAX_REQUEST_BYTES", "1048576", _integer(1024), "Largest request body accepted (413 above it; chunked: framing counts)."),
     Field("REQUEST_TIMEOUT", "300", _seconds, "Longest a generation or embedding may run before it is stopped with a 504."),
     Field("STALL_TIMEOUT", "30", _seconds, "Longest a generation or embedding may go without progress (a token, a group of inputs) "
           "before it is stopped with a 504 and counts as hung."),

@@ -110,3 +110,9 @@ class EngineFailure(ApiError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+class ModelLoadFailed(EngineFailure):
+    """An installed model that the client named correctly failed to load: its file is at fault."""
+
+    code = "model_load_failed"

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 
 from api.config import Settings
-from api.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from api.errors import ModelLoadFailed, ModelNotFound, ServiceUnavailable
 from api.generation import GenerationService, InferenceObserver, Limits
 from api.inference import ModelLoadError
 from api.inference_slots import InferenceSlots
@@ -108,7 +108,7 @@ class ModelHost:
                     self._chat[name] = ChatModel(path, n_ctx=self.settings.n_ctx,
                                                  n_threads=self.settings.threads_per_worker, device=self.settings.device)
                 except ModelLoadError as error:
-                    raise InvalidRequest(f"the model '{requested}' could not be loaded: {error}", param="model") from None
+                    raise ModelLoadFailed(f"the model '{requested}' could not be loaded: {error}", param="model") from None
         return self._chat[name]
 
     def embedding_model(self, requested: str | None):

@@ -171,6 +171,13 @@ class Service:
 
         return int(self.wait_for(generating, timeout, "a worker to be generating"))
 
+    def streaming_worker(self, outcome: Mapping[str, object], timeout: float = 10) -> int:
+        """The pid of the worker serving the stream that `stream_in_background` started.
+
+        Safer than `busy_worker` once other requests have run: a worker that has just sent its
+        answer may still say BUSY and generating in its sentinel for a moment."""
+        return int(self.wait_for(lambda: outcome.get("pid"), timeout, "the stream's first chunk"))  # type: ignore[arg-type]
+
     def ready_count(self) -> int:
         return sum(1 for s in self.sentinels().values() if s.state.value == "READY")
 

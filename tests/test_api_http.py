@@ -14,7 +14,7 @@ from waitress.adjustments import Adjustments
 from testing.assertions import assert_json_error
 from testing.raw_http import EXPECT_TOO_LARGE, MAX_BODY, POST_HEAD, assert_json_refusal, raw_exchange, read_reply
 from testing.servers import ServerProcess, running_worker, start_worker
-from testing.tiny_models import tiny_settings
+from testing.tiny_models import TINY_CHAT, tiny_settings
 
 KEY = "s3cret-key"
 
@@ -106,7 +106,7 @@ WAITRESS_REFUSALS = {
     "body over MAX_REQUEST_BYTES": (POST_HEAD + f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode(),
                                     413, "request_too_large", "larger than MAX_REQUEST_BYTES"),
     "chunked body over MAX_REQUEST_BYTES": (POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
-                                            + f"{MAX_BODY + 1:x}\r\n".encode().ljust(MAX_BODY, b"x"),
+                                            + f"{MAX_BODY + 1:x}\r\n".encode().ljust(MAX_BODY + 1, b"x"),
                                             413, "request_too_large", "larger than MAX_REQUEST_BYTES"),
     "bad Content-Length": (POST_HEAD + b"Content-Length: ten\r\n\r\n", 400, None, "Content-Length is invalid"),
     "bad chunk framing": (POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400, None, "Invalid chunk size"),
@@ -151,6 +151,14 @@ def test_oversized_body_is_a_413(tiny_worker: ServerProcess) -> None:
     response = requests.post(tiny_worker.url + "/gpt4all_api", data=body,
                              headers={"Content-Type": "application/json"}, timeout=30)
     assert response.status_code == 413
+
+
+def test_a_body_of_exactly_max_request_bytes_is_accepted(tiny_worker: ServerProcess) -> None:
+    """MAX_REQUEST_BYTES is the largest body accepted; waitress refuses at its own limit, not above it."""
+    body = json.dumps({"prompt": "x", "temperature": 0, "max_tokens": 3}).encode().ljust(MAX_BODY, b" ")
+    reply = raw_exchange(tiny_worker.port, POST_HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert reply.status == 200, reply
+    assert json.loads(reply.body)["choices"][0]["text"] == "yz"
 
 
 LONG = "word " * 400  # 2000 byte tokens > the tiny model's 512
@@ -212,6 +220,26 @@ def test_authorized_urls_limit_clients(tiny_model_dir: Path, tmp_path: Path, aut
             assert response.json()["error"]["code"] == "forbidden"
     finally:
         assert worker.stop() == []
+
+
+def test_a_second_model_that_cannot_be_loaded_on_demand_is_a_server_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The server lists the file as installed, and the client named it correctly: that it is broken
+    is the server's fault (500), not the request's (it was a 400). The worker goes on serving."""
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    (model_dir / TINY_CHAT).write_bytes((tiny_model_dir / TINY_CHAT).read_bytes())
+    whole = (tiny_model_dir / TINY_CHAT).read_bytes()
+    (model_dir / "truncated.gguf").write_bytes(whole[: len(whole) // 2])  # header intact, tensors cut off
+    with running_worker(model_dir, tmp_path, **tiny_settings(EMBEDDING_MODEL_NAME="none.gguf")) as worker:
+        listed = [model["id"] for model in requests.get(worker.url + "/v1/models", timeout=10).json()["data"]]
+        assert "truncated" in listed, listed
+        response = requests.post(worker.url + "/v1/completions", timeout=30,
+                                 json={"model": "truncated", "prompt": "x", "max_tokens": 2})
+        assert_json_error(response, 500, "could not be loaded")
+        assert response.json()["error"]["code"] == "model_load_failed"
+        assert str(tmp_path) not in response.text, "local paths stay in the log"
+        again = requests.post(worker.url + "/v1/completions", timeout=30, json={"prompt": "x", "max_tokens": 2, "temperature": 0})
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == "yz"
 
 
 def test_a_broken_model_is_reported_not_hidden(tiny_model_dir: Path, tmp_path: Path) -> None:

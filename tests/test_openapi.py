@@ -91,7 +91,7 @@ def test_the_configured_route_is_the_one_documented(tmp_path: Path) -> None:
 
 
 def test_the_document_is_generated_from_the_validation_models(client: FlaskClient) -> None:
-    from api.wire import anthropic_schemas, responses_schemas, schemas
+    from api.wire import anthropic_schemas, ollama_schemas, responses_schemas, schemas
 
     document = document_of(client)
     expected = {"/v1/chat/completions": schemas.ChatCompletionRequest, "/v1/completions": schemas.CompletionRequest,
@@ -99,7 +99,10 @@ def test_the_document_is_generated_from_the_validation_models(client: FlaskClien
                 "/v0/language-models/retrieve": schemas.V0RetrieveRequest, "/generate": schemas.LlmGenerateRequest,
                 "/embeddings": schemas.LlmEmbeddingsRequest, "/v1/responses": responses_schemas.ResponsesRequest,
                 "/v1/messages": anthropic_schemas.MessagesRequest,
-                "/v1/messages/count_tokens": anthropic_schemas.CountTokensRequest}
+                "/v1/messages/count_tokens": anthropic_schemas.CountTokensRequest,
+                "/api/chat": ollama_schemas.OllamaChatRequest, "/api/generate": ollama_schemas.OllamaGenerateRequest,
+                "/api/embed": ollama_schemas.OllamaEmbedRequest, "/api/embeddings": ollama_schemas.OllamaEmbeddingsRequest,
+                "/api/show": ollama_schemas.OllamaShowRequest}
     for path, model in expected.items():
         reference = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         assert reference == f"#/components/schemas/{model.__name__}"

@@ -53,7 +53,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
     return {
         "threads": WAITRESS_THREADS,
         "channel_request_lookahead": 1,  # lets the app notice a client that went away
-        "max_request_body_size": settings.max_request_bytes,
+        "max_request_body_size": settings.max_request_bytes + 1,  # waitress refuses a body *at* its limit
         "ident": SERVER_IDENT,
     }
 
