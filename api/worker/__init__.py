@@ -19,7 +19,9 @@ supervisor/) it follows the contract in api.protocol:
   waits in the listen queue; and it closes idle connections without ever resetting a request that
   arrives at that instant (WorkerChannel.close_if_idle);
 - before it runs a model it takes one of the WORKERS inference slots that all workers share
-  (api.inference_slots), so spares that took a client wait instead of oversubscribing the cores;
+  (api.inference_slots), so spares that took a client wait instead of oversubscribing the cores,
+  in one line across the workers (api.slot_queue: MAX_QUEUE long, QUEUE_TIMEOUT at most, first
+  come first served, a client that leaves gives its place up at once);
 - it reports itself in its sentinel file (state, requests served, token heartbeat);
 - after RESTART_AFTER_REQUESTS inference requests (the supervisor passes the number, jitter
   included), or after a generation that ran over its time limit, or on a `drain` command, it
