@@ -43,7 +43,7 @@ class InferenceSlots:
         self.folder = folder
         self.count = count
         self.paths = [folder / f"inference-slot-{index}.lock" for index in range(count)] if folder else []
-        self.queue = SlotQueue(folder, max_queue) if folder else None
+        self.queue = SlotQueue(folder, max_queue, count) if folder else None
         self.queue_timeout = queue_timeout
 
     def admit(self) -> Place:

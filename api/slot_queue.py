@@ -95,11 +95,12 @@ class Ticket:
 
 
 class SlotQueue:
-    """The line in `folder`: at most `limit` tickets (None: no limit)."""
+    """The line in `folder` for `slots` slots: at most `limit` tickets (None: no limit)."""
 
-    def __init__(self, folder: Path, limit: int | None) -> None:
+    def __init__(self, folder: Path, limit: int | None, slots: int = 1) -> None:
         self.folder = folder
         self.limit = limit
+        self.slots = slots
         self.times = RequestTimes(folder)
 
     # -- joining
@@ -128,10 +129,10 @@ class SlotQueue:
                          f"for one (MAX_QUEUE is {self.limit}). Try again in about {retry_after} s.",
                          retry_after=retry_after)
 
-    def retry_after(self, waiting: int, slots: int = 1) -> int:
+    def retry_after(self, waiting: int, slots: int | None = None) -> int:
         """Seconds until a request sent now would likely be served: the line ahead of it and the
         request running, at the observed time per request, spread over the slots."""
-        return max(1, math.ceil(self.times.average() * (waiting + 1) / max(1, slots)))
+        return max(1, math.ceil(self.times.average() * (waiting + 1) / max(1, slots or self.slots)))
 
     # -- waiting
 

@@ -100,14 +100,14 @@ class Line(Protocol):
 
     def waiting(self) -> int: ...
 
-    def retry_after(self, waiting: int, slots: int = 1) -> int: ...
+    def retry_after(self, waiting: int, slots: int | None = None) -> int: ...
 
 
 class NoLine:
     def waiting(self) -> int:
         return 0
 
-    def retry_after(self, waiting: int, slots: int = 1) -> int:
+    def retry_after(self, waiting: int, slots: int | None = None) -> int:
         return 1
 
 

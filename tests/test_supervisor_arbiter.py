@@ -180,8 +180,8 @@ class FakeLine:
     def waiting(self) -> int:
         return self.count
 
-    def retry_after(self, waiting: int, slots: int = 1) -> int:
-        return 3 * (waiting + 1) // slots
+    def retry_after(self, waiting: int, slots: int | None = None) -> int:
+        return 3 * (waiting + 1) // (slots or 1)
 
 
 class Harness:
