@@ -95,12 +95,16 @@ class Ticket:
 
 
 class SlotQueue:
-    """The line in `folder` for `slots` slots: at most `limit` tickets (None: no limit)."""
+    """The line in `folder` for `slots` slots: at most `limit` tickets (None: no limit).
+    `stopping()` true makes every waiter leave with a 503: the service is going away, and a client
+    told so at once can go elsewhere (a load balancer retries it) instead of being cut off later."""
 
-    def __init__(self, folder: Path, limit: int | None, slots: int = 1) -> None:
+    def __init__(self, folder: Path, limit: int | None, slots: int = 1,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
         self.folder = folder
         self.limit = limit
         self.slots = slots
+        self.stopping = stopping
         self.times = RequestTimes(folder)
 
     # -- joining
@@ -160,6 +164,9 @@ class SlotQueue:
                         return taken
                 if is_disconnected():
                     raise ClientLeft("the client closed its connection while it waited for an inference slot")
+                if self.stopping():
+                    raise ServiceUnavailable("The service is stopping; this request was not started. Try again "
+                                             "(another server, or this one once it is back).", code="stopping")
                 if deadline is not None and time.monotonic() >= deadline:
                     raise QueueTimeout(f"No inference slot became free within QUEUE_TIMEOUT ({timeout:g} s).",
                                        retry_after=self.retry_after(len(self.live_tickets())))

@@ -197,10 +197,19 @@ def test_ready_says_why_while_the_model_cannot_load_and_health_stays_live(
     assert health.status_code == 200 and health.json()["status"] == "live" and health.json()["ready"] is False
 
 
-def test_ready_is_not_200_once_a_graceful_stop_began(start_service: Callable[..., Service]) -> None:
-    service = start_service(GRACEFUL_TIMEOUT=10)
+def test_ready_is_not_200_once_a_graceful_stop_began_and_waiters_get_a_503_at_once(
+        start_service: Callable[..., Service]) -> None:
+    service = start_with_ready_workers(start_service, GRACEFUL_TIMEOUT=10, MAX_QUEUE=2, WARM_SPARES=2,
+                                       RESTART_AFTER_REQUESTS=0)
+    results: dict[str, object] = {}
     with slot_held(service):
+        waiter = post_in_background(service.url, SHORT, results, "waiter")
+        service.wait_for(lambda: waiting(service) == 1, 10, "a request waiting in line")
+        stopped_at = time.monotonic()
         service.signal(signal.SIGTERM)
+        waiter.join(10)
+        assert results["waiter"][0] == 503, results  # type: ignore[index]
+        assert results["waiter"][1] - stopped_at < QUICKLY, "told at once, not cut off at GRACEFUL_TIMEOUT"  # type: ignore[index]
 
         def refused_or_503() -> bool:
             try:

@@ -54,6 +54,8 @@ class SupervisedWorker:
                                queue_timeout=settings.queue_timeout)
         self.runtime = Runtime(settings, lifecycle, slots)
         self.runtime.stopping = lambda: lifecycle.exit_code == EXIT_STOPPED
+        if slots.queue is not None:
+            slots.queue.stopping = self.runtime.stopping  # waiters get a 503 at once instead of being cut off
         app = create_app(settings, self.runtime)
         # Two servers, each with its own loop and threads: health probes on the control port never
         # queue behind requests waiting for the model on the public socket (a false "hung").
