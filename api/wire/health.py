@@ -38,11 +38,7 @@ def health() -> Response:
         body["reason"] = state.failure
     if state.ready and is_deep_check(request.path, request.query_string.decode("latin-1")):
         return deep_check(body)
-    response = jsonify(body)
-    if not state.ready:
-        response.status_code = 503
-        response.headers["Retry-After"] = "1"
-    return response
+    return jsonify(body) if state.ready else unavailable(body, retry_after=1)
 
 
 def deep_check(body: dict[str, object]) -> Response:
@@ -55,10 +51,8 @@ def deep_check(body: dict[str, object]) -> Response:
             is_disconnected=client_disconnected(), deadline=DEEP_CHECK_DEADLINE))
         generation.text()
     except ApiError as error:
-        response = jsonify({**body, "status": "failed", "reason": f"the deep check failed: {error.message}"})
-        response.status_code = 503
-        response.headers["Retry-After"] = str(error.retry_after or 1)
-        return response
+        return unavailable({**body, "status": "failed", "reason": f"the deep check failed: {error.message}"},
+                           retry_after=error.retry_after or 1)
     seconds = time.monotonic() - started
     tokens = generation.outcome.completion_tokens if generation.outcome else 0
     return jsonify({**body, "deep": {"seconds": round(seconds, 4), "tokens": tokens}})
@@ -80,7 +74,13 @@ def ready() -> Response:
     waiting = len(queue.live_tickets()) if queue is not None else 0
     if not reason:
         return jsonify({"status": "ready", "waiting": waiting})
-    response = jsonify({"status": "unavailable", "reason": reason, "waiting": waiting})
+    return unavailable({"status": "unavailable", "reason": reason, "waiting": waiting},
+                       retry_after=queue.retry_after(waiting) if queue is not None else 1)
+
+
+def unavailable(body: dict[str, object], *, retry_after: int) -> Response:
+    """A 503 of the health routes: their own body (not an API error's), with when to ask again."""
+    response = jsonify(body)
     response.status_code = 503
-    response.headers["Retry-After"] = str(queue.retry_after(waiting) if queue is not None else 1)
+    response.headers["Retry-After"] = str(retry_after)
     return response
