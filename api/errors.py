@@ -116,3 +116,23 @@ class ModelLoadFailed(EngineFailure):
     """An installed model that the client named correctly failed to load: its file is at fault."""
 
     code = "model_load_failed"
+
+
+class QueueFull(ServiceUnavailable):
+    """Every inference slot is taken and MAX_QUEUE clients already wait: 503 at once."""
+
+    code = "queue_full"
+
+
+class QueueTimeout(ServiceUnavailable):
+    """The client waited QUEUE_TIMEOUT for a slot: 503."""
+
+    code = "queue_timeout"
+
+
+class ClientLeft(ApiError):
+    """The client closed its connection while it waited: nobody reads this answer (nginx's 499)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"

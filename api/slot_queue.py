@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from api.errors import ApiError, ServiceUnavailable
+from api.errors import ClientLeft, QueueFull, QueueTimeout, ServiceUnavailable
 
 POLL_SECONDS = 0.01
 """How often a waiter looks whether it is first in line (and, first, whether a slot is free) and
@@ -47,26 +47,6 @@ COUNTER_FILE = "queue.lock"
 TIMES_FILE = "request-seconds.txt"
 TIMES_WEIGHT = 0.3  # weight of the newest observation in the running average
 DEFAULT_REQUEST_SECONDS = 5.0  # assumed before any request has been measured
-
-
-class QueueFull(ServiceUnavailable):
-    """Every inference slot is taken and MAX_QUEUE clients already wait: 503 at once."""
-
-    code = "queue_full"
-
-
-class QueueTimeout(ServiceUnavailable):
-    """The client waited QUEUE_TIMEOUT for a slot: 503."""
-
-    code = "queue_timeout"
-
-
-class ClientLeft(ApiError):
-    """The client closed its connection while it waited: nobody reads this answer (nginx's 499)."""
-
-    status = 499
-    type = "invalid_request_error"
-    code = "client_closed_request"
 
 
 def is_ticket_name(name: str) -> bool:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from api.errors import ClientLeft, QueueFull, QueueTimeout
 from api.inference_slots import InferenceSlots
-from api.slot_queue import ClientLeft, QueueFull, QueueTimeout, RequestTimes, SlotQueue
+from api.slot_queue import RequestTimes, SlotQueue
 from testing.servers import REPO
 
 WAIT_IN_LINE = """
