@@ -33,6 +33,7 @@ seed: the same text always gives the same vector and different texts give differ
 
 from __future__ import annotations
 
+import shutil
 import string
 from collections.abc import Sequence
 from pathlib import Path
@@ -266,6 +267,15 @@ def _write(w: gguf.GGUFWriter, path: Path) -> None:
 
 TINY_CHAT = "tiny-chat.gguf"
 TINY_EMBED = "tiny-embed.gguf"
+
+
+def copy_tiny_models(source: Path, folder: Path) -> Path:
+    """A private copy of the tiny models in `folder` (created), for a test that breaks, moves or
+    overwrites a model file without touching the shared one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (TINY_CHAT, TINY_EMBED):
+        shutil.copy(source / name, folder / name)
+    return folder
 
 
 def tiny_settings(**overrides: object) -> dict[str, object]:

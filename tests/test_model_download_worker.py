@@ -7,7 +7,6 @@ another host would reach the recorder, and the test checks that none did.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import requests
 
 from testing.loopback import ConnectionRecorder, ModelServer, run_together, standard_server
 from testing.servers import ServerProcess, running_worker
-from testing.tiny_models import TINY_CHAT, TINY_CHAT_REPLY, TINY_EMBED, tiny_settings
+from testing.tiny_models import TINY_CHAT, TINY_CHAT_REPLY, copy_tiny_models, tiny_settings
 
 KEY = "retrieval-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -33,9 +32,7 @@ def model_server(tiny_model_dir: Path) -> Iterator[ModelServer]:
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("download-models")
-    for name in (TINY_CHAT, TINY_EMBED):
-        shutil.copy(tiny_model_dir / name, folder / name)
+    folder = copy_tiny_models(tiny_model_dir, tmp_path_factory.mktemp("download-models"))
     (folder / "sub").mkdir()
     return folder
 

@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from testing.servers import ENDLESS, Service
-from testing.tiny_models import TINY_CHAT, TINY_EMBED
+from testing.tiny_models import TINY_CHAT, TINY_EMBED, copy_tiny_models
 
 SHORT = {"prompt": "count 0", "max_tokens": 40, "temperature": 0}
 QUICKLY = 3.0  # seconds: what "at once" must stay under on a loaded 2-core machine (the bench measures ms)
@@ -277,10 +277,7 @@ def pings(messages: list[str]) -> int:
 
 def test_watchdog_pings_stop_while_no_worker_can_come_back_after_serving_and_resume(
         start_service: Callable[..., Service], tmp_path: Path, tiny_model_dir: Path) -> None:
-    models = tmp_path / "models"
-    models.mkdir()
-    for name in (TINY_CHAT, TINY_EMBED):
-        shutil.copy(tiny_model_dir / name, models / name)
+    models = copy_tiny_models(tiny_model_dir, tmp_path / "models")
     notify = NotifySocket(tmp_path)
     try:
         service = start_service(model_dir=models, WARM_SPARES=0, BOOT_TIMEOUT=2, RESTART_BACKOFF_MAX=1, KILL_TIMEOUT=1,

@@ -26,7 +26,7 @@ import requests
 
 from api.protocol import WorkerState
 from testing.servers import CHAT, ENDLESS, Service, gone
-from testing.tiny_models import TINY_CHAT, TINY_CHAT_REPLY, TINY_EMBED, build_tiny_embedding_model, tiny_embedding_vocab
+from testing.tiny_models import TINY_CHAT, TINY_CHAT_REPLY, TINY_EMBED, build_tiny_embedding_model, copy_tiny_models, tiny_embedding_vocab
 
 
 def listeners_on(port: int) -> list[str]:
@@ -204,10 +204,7 @@ def write_aborting_embedding_model(path: Path) -> None:
 def test_a_broken_model_backs_off_answers_503_and_recovers_once_fixed(
         start_service: Callable[..., Service], tiny_model_dir: Path, tmp_path: Path, broken_file: str,
         break_it: Callable[[Path], None], symptom: str, logged: str) -> None:
-    models = tmp_path / "models"
-    models.mkdir()
-    for name in (TINY_CHAT, TINY_EMBED):
-        shutil.copy(tiny_model_dir / name, models / name)
+    models = copy_tiny_models(tiny_model_dir, tmp_path / "models")
     break_it(models / broken_file)
     service = start_service(wait=False, model_dir=models, RESTART_BACKOFF_MAX=2)
     # clients get a clear 503, not a hanging connection
@@ -276,10 +273,7 @@ def ask(service: Service, path: str, headers: dict[str, str], client: str) -> tu
 
 def test_the_503_fallback_refuses_whom_a_worker_refuses_and_names_no_path_pid_or_exit_code(
         start_service: Callable[..., Service], tiny_model_dir: Path, tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    models.mkdir()
-    for name in (TINY_CHAT, TINY_EMBED):
-        shutil.copy(tiny_model_dir / name, models / name)
+    models = copy_tiny_models(tiny_model_dir, tmp_path / "models")
     service = start_service(model_dir=models, API_KEY=API_KEY, AUTHORIZED_URLS="127.0.0.1", WARM_SPARES=0)
     from_a_worker = {case: ask(service, *request) for case, request in REFUSED.items()}
     assert [status for status, _ in from_a_worker.values()] == [401, 401, 403, 403], from_a_worker
@@ -377,10 +371,7 @@ def test_when_the_supervisor_is_killed_every_worker_exits_within_two_seconds(
 
 def test_a_model_file_overwritten_in_place_is_named_as_the_cause_of_the_sigbus(
         start_service: Callable[..., Service], tiny_model_dir: Path, tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    models.mkdir()
-    for name in (TINY_CHAT, TINY_EMBED):
-        shutil.copy(tiny_model_dir / name, models / name)
+    models = copy_tiny_models(tiny_model_dir, tmp_path / "models")
     service = start_service(model_dir=models, RESTART_AFTER_REQUESTS=0)
     with open(models / TINY_CHAT, "r+b") as model:  # what `cp new.gguf models/` does to a mapped file
         model.truncate(4096)
