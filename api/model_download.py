@@ -36,7 +36,16 @@ from urllib.parse import urlsplit
 import requests
 
 from api.config import Settings
-from api.errors import ApiError, Forbidden, InvalidRequest, ModelNotFound, NotFound
+from api.errors import (
+    DownloadDisabled,
+    DownloadFailed,
+    DownloadTimeout,
+    Forbidden,
+    InsufficientStorage,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+)
 from api.model_names import ModelNameError, file_name_for
 
 log = logging.getLogger("api.model_download")
@@ -49,32 +58,6 @@ PROGRESS_EVERY_SECONDS = 5.0
 FREE_SPACE_MARGIN_BYTES = 64 << 20
 USER_AGENT = "gpt4all-api-daemon"
 GGUF_MAGIC = b"GGUF"
-
-
-# -- errors (rendered by every wire format like any ApiError)
-
-
-class DownloadDisabled(Forbidden):
-    code = "download_disabled"
-
-
-class DownloadFailed(ApiError):
-    """The model or catalog server failed us (bad status, truncated, wrong checksum): 502."""
-
-    status = 502
-    type = "server_error"
-    code = "download_failed"
-
-
-class DownloadTimeout(DownloadFailed):
-    status = 504
-    code = "download_timeout"
-
-
-class InsufficientStorage(ApiError):
-    status = 507
-    type = "server_error"
-    code = "insufficient_storage"
 
 
 DISABLED_MESSAGE = "downloading models is disabled on this server (ALLOW_DOWNLOAD=false)"
