@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
-
 from api.config import Settings
 from api.errors import (
     DownloadDisabled,
@@ -129,6 +127,8 @@ def _host(url: str) -> str:
 
 
 def _timeout_or_failure(what: str, error: Exception) -> DownloadFailed:
+    import requests
+
     text = str(error).lower()
     if isinstance(error, requests.Timeout) or "timed out" in text:
         return DownloadTimeout(f"{what}: no data for DOWNLOAD_TIMEOUT seconds; gave up")
@@ -198,6 +198,8 @@ class ModelDownloader:
         return entries
 
     def _fetch_catalog(self) -> list[Any]:
+        import requests  # here, not at the top: a worker that never downloads does not pay for it
+
         source = self.catalog_url
         what = f"the model catalog at {_host(source)}"
         try:
@@ -294,6 +296,8 @@ class ModelDownloader:
             time.sleep(0.2)
 
     def _stream(self, entry: CatalogEntry, out: Any) -> None:
+        import requests
+
         what = f"download of {entry.filename} from {_host(entry.url)}"
         expected = entry.filesize
         if expected is not None:
