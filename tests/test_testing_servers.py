@@ -33,7 +33,7 @@ def squatter(pid_header: str | None) -> Iterator[int]:
     """A server of someone else's on a loopback port: its port."""
     handler = type("Squatter", (_Answer,), {"pid_header": pid_header})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:
         yield server.server_address[1]
@@ -61,4 +61,4 @@ def test_a_live_stranger_answering_our_port_fails_at_once(tmp_path: Path) -> Non
 
 def test_an_answer_without_a_worker_pid_is_not_taken_for_ours(tmp_path: Path) -> None:
     with squatter(None) as port, idle_process(port, tmp_path) as ours, pytest.raises(TimeoutError):
-        ours.wait_answering(timeout=0.5)
+        ours.wait_answering(timeout=0.2)
