@@ -197,6 +197,23 @@ def test_api_key_required_everywhere_but_health(keyed_worker: ServerProcess) -> 
     assert wrong.status_code == 401
 
 
+@pytest.mark.parametrize(("method", "path", "headers"), [
+    ("get", "/v1/models", {}), ("post", "/v1/chat/completions", {"Authorization": "Bearer nope"}),
+    ("post", "/v1/completions", {}), ("post", "/v1/embeddings", {}), ("post", "/v1/responses", {}),
+    ("post", "/v1/messages", {"x-api-key": "nope"}), ("post", "/v1/messages/count_tokens", {}),
+    ("get", "/api/tags", {}), ("post", "/api/chat", {"Authorization": "Bearer nope"}), ("post", "/v0/chat", {}),
+    ("post", "/generate", {}), ("post", "/gpt4all_api", {}), ("get", "/no-such-route", {}),
+])
+def test_every_401_names_the_bearer_scheme(keyed_worker: ServerProcess, method: str, path: str,
+                                           headers: dict[str, str]) -> None:
+    """RFC 9110 asks a 401 to say how to authenticate: every wire format's refusal carries it."""
+    response = requests.request(method, keyed_worker.url + path, json={"prompt": "x"}, headers=headers, timeout=10)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    ok = requests.request(method, keyed_worker.url + path, json={}, headers={"X-Api-Key": KEY}, timeout=10)
+    assert ok.status_code != 401 and "WWW-Authenticate" not in ok.headers
+
+
 def test_api_key_accepted_as_bearer_or_header(keyed_worker: ServerProcess) -> None:
     url = keyed_worker.url + "/v1/models"
     assert requests.get(url, headers={"Authorization": f"Bearer {KEY}"}, timeout=10).status_code == 200
