@@ -25,7 +25,7 @@ from gpt4all import GPT4All
 from gpt4all import _pyllmodel as bindings
 
 from api.chat_template import ChatTemplate
-from api.gguf_file import GGUFFormatError, read_metadata
+from api.gguf_file import GGUFFormatError, file_fingerprint, read_metadata
 from api.inference import EmbeddingCancelled, EngineError, EngineRun, ModelLoadError, PromptTooLong, TokenSink
 from api.sampling import SamplingParams
 
@@ -80,6 +80,7 @@ class ChatModel:
         self.path = path
         self.name = path.name
         metadata = _read_model_metadata(path)
+        self.fingerprint = file_fingerprint(path)  # once per load: the system_fingerprint of its replies
         trained = metadata.get(f"{metadata.get('general.architecture')}.context_length")
         self.context_length = min(n_ctx, int(trained)) if isinstance(trained, int) else n_ctx
         self.template = ChatTemplate(

@@ -54,6 +54,8 @@ class ChatEngine(Protocol):
     """One loaded chat model that runs one generation at a time."""
 
     name: str
+    fingerprint: str
+    """A short stable id of the loaded file (api.gguf_file.file_fingerprint)."""
     context_length: int
     template: ChatTemplate
 
