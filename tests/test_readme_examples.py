@@ -42,6 +42,7 @@ def test_the_readme_has_an_example_for_each_official_client() -> None:
         assert client in code, client
 
 
+@pytest.mark.bundled
 @pytest.mark.parametrize("example", [code for _, code in EXAMPLES],
                          ids=[f"{index}-{re.sub(r'[^a-z]+', '-', heading.lower()).strip('-')}"
                               for index, (heading, _) in enumerate(EXAMPLES)])
