@@ -72,20 +72,22 @@ class RequestHead:
         return cls(path, headers, query)
 
 
-def json_response(status: int, body: object, retry_after: int | None = None) -> bytes:
+def json_response(status: int, body: object, retry_after: int | None = None,
+                  headers: dict[str, str] | None = None) -> bytes:
     """A complete HTTP response with a JSON body."""
     data = json.dumps(body, separators=(",", ":")).encode() + b"\n"
     head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
             "Content-Type: application/json", f"Content-Length: {len(data)}"]
     if retry_after is not None:
         head.append(f"Retry-After: {retry_after}")
+    head += [f"{name}: {value}" for name, value in (headers or {}).items()]
     head += ["Connection: close", "Server: gpt4all-api-supervisor"]
     return "\r\n".join([*head, "", ""]).encode("latin-1") + data
 
 
 def error_response(error: ApiError, path: str = "") -> bytes:
     """`error` as a complete HTTP response, in the JSON shape a worker gives on `path`."""
-    return json_response(error.status, error_body(path, error), error.retry_after)
+    return json_response(error.status, error_body(path, error), headers=error.headers())
 
 
 def decide(request: RequestHead, client: str, access: AccessPolicy, unavailable: ApiError) -> bytes:
