@@ -118,8 +118,7 @@ class WorkerTask(WSGITask):
     touched_model = False
 
     def service(self) -> None:
-        lifecycle: WorkerLifecycle = self.channel.server.lifecycle
-        public = self.channel.server.one_client_at_a_time
+        lifecycle, public = self.channel.lifecycle, self.channel.one_client_at_a_time
         self.channel.started_requests += 1
         if public:
             lifecycle.client_engaged(self.channel.client_key)
@@ -142,8 +141,8 @@ class WorkerTask(WSGITask):
         in the listen queue: this kept-alive client then reconnects behind it. Clients that keep
         their connections (the openai package does) and take turns would otherwise keep the worker
         from ever being free to accept a new one."""
-        server = self.channel.server
-        return server.lifecycle.closes_connections() or (server.one_client_at_a_time and readable_now(server.socket))
+        channel = self.channel
+        return channel.lifecycle.closes_connections() or (channel.one_client_at_a_time and readable_now(channel.server.socket))
 
 
 class WorkerChannel(ApiChannel):
@@ -154,18 +153,20 @@ class WorkerChannel(ApiChannel):
     that arrives at that instant: see there."""
 
     task_class = WorkerTask
+    lifecycle: WorkerLifecycle  # set by bound_channel: waitress builds a channel from its class alone
+    one_client_at_a_time = False  # True on the public socket: a client holds the worker from accept to answer
     started_requests = 0
     lingering_until = 0.0  # once its sending side is shut: when to stop reading and close
 
     def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Any, map: Any = None) -> None:
         super().__init__(server, sock, addr, adj, map)
         self.client_key = next(_client_keys)  # not id(): a closed channel's id can come back
-        if server.one_client_at_a_time:
-            server.lifecycle.client_connected(self.client_key)
+        if self.one_client_at_a_time:
+            self.lifecycle.client_connected(self.client_key)
 
     def handle_close(self) -> None:
-        if self.server.one_client_at_a_time:
-            self.server.lifecycle.client_closed(self.client_key)
+        if self.one_client_at_a_time:
+            self.lifecycle.client_closed(self.client_key)
         super().handle_close()
 
     def awaiting_first_request(self, now: float) -> bool:
@@ -211,8 +212,8 @@ class WorkerChannel(ApiChannel):
             self.will_close = True
             return
         self.lingering_until = now + LINGER_SECONDS
-        if self.server.one_client_at_a_time:
-            self.server.lifecycle.client_closed(self.client_key)
+        if self.one_client_at_a_time:
+            self.lifecycle.client_closed(self.client_key)
 
     def readable(self) -> bool:
         return bool(self.lingering_until) or super().readable()
@@ -232,6 +233,14 @@ class WorkerChannel(ApiChannel):
         if self.lingering_until:
             return False  # dropped: the client has been told the connection ends (its end of file closes it)
         return bool(super().received(data))
+
+
+def bound_channel(lifecycle: WorkerLifecycle, *, one_client_at_a_time: bool) -> type[WorkerChannel]:
+    """The channel class of one of this worker's servers: waitress makes each connection's channel
+    from a class, so what the channel needs (the lifecycle, whether a client holds the worker) is
+    given to a subclass of its own rather than attached to waitress's server object."""
+    name = "PublicChannel" if one_client_at_a_time else "ControlChannel"
+    return type(name, (WorkerChannel,), {"lifecycle": lifecycle, "one_client_at_a_time": one_client_at_a_time})
 
 
 def readable_now(sock: socket.socket | None) -> bool:

@@ -32,7 +32,7 @@ from api.protocol import (
     Command,
 )
 from api.runtime import Runtime
-from api.worker.connections import WorkerChannel, readable_now, server_options
+from api.worker.connections import WorkerChannel, bound_channel, readable_now, server_options
 from api.worker.lifecycle import WorkerLifecycle
 from api.worker.process import configure_logging, die_with_parent, inherit_listening_socket, lower_this_threads_priority, name_process
 
@@ -64,10 +64,8 @@ class SupervisedWorker:
         lifecycle.control_port = control.getsockname()[1]
         self.control_server = waitress.create_server(
             app, sockets=[control], **{**server_options(settings), "threads": CONTROL_THREADS})
-        for server in (self.public_server, self.control_server):
-            server.channel_class = WorkerChannel
-            server.lifecycle = lifecycle
-            server.one_client_at_a_time = server is self.public_server
+        self.public_server.channel_class = bound_channel(lifecycle, one_client_at_a_time=True)
+        self.control_server.channel_class = bound_channel(lifecycle, one_client_at_a_time=False)
         self.public_server.accepting = False  # not before the model is loaded
         lifecycle.set_accepting = self._set_accepting
 
