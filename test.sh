@@ -12,6 +12,6 @@ SETUP_PROG=test.sh
 
 setup_runtime
 setup_requirements test requirements-test.txt
-setup_side_venv litellm requirements-litellm.txt  # .venv-litellm: litellm's own pins (tests/test_litellm_client.py)
+setup_side_venv litellm requirements-litellm.txt  # .venv-litellm: litellm's own pins (tests/wire/test_litellm_client.py)
 setup_models
 exec "$PY" -m pytest "$@"

@@ -1,7 +1,7 @@
 """The OpenAPI contract cases: one request per documented operation and outcome, and the check that
 an answer (from a real worker over HTTP, or from the app in-process) is what the document states.
 
-tests/test_wire_shapes.py runs every case in-process on the fake engine; tests/test_openapi.py runs
+tests/wire/test_wire_shapes.py runs every case in-process on the fake engine; tests/wire/test_openapi.py runs
 the cases marked `real` (streams through waitress, limits the model file sets) on a real worker.
 """
 

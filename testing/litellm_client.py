@@ -1,5 +1,5 @@
 """A litellm client of the Ollama routes, run with .venv-litellm's python (litellm's pins conflict
-with nothing here, but its 60 packages stay out of the main venv): tests/test_litellm_client.py.
+with nothing here, but its 60 packages stay out of the main venv): tests/wire/test_litellm_client.py.
 
     .venv-litellm/bin/python testing/litellm_client.py BASE_URL MODEL
 

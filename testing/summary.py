@@ -5,4 +5,4 @@ from __future__ import annotations
 import pytest
 
 FAULT_LOAD_COUNTS = pytest.StashKey[list[str]]()
-"""Lines of the fault and load suite's table (tests/test_fault_load.py), shown at the end of the run."""
+"""Lines of the fault and load suite's table (tests/e2e/test_fault_load.py), shown at the end of the run."""

@@ -1,4 +1,4 @@
-"""Hooks for the schemathesis run of tests/test_openapi_fuzz.py (loaded through SCHEMATHESIS_HOOKS).
+"""Hooks for the schemathesis run of tests/wire/test_openapi_fuzz.py (loaded through SCHEMATHESIS_HOOKS).
 
 They change valid values into other valid values that the schema cannot single out, and leave
 invalid ones as generated, so the server's validation is exercised in full:

@@ -35,7 +35,7 @@ MAX_STOPS = 16
 MAX_EMBEDDING_INPUTS = 2048
 
 # -- gpt4all's own GPT4All.generate() defaults (gpt4all 2.8.2), for the routes that speak its names:
-# the original route and /v0. tests/test_route_defaults.py checks them against the installed bindings.
+# the original route and /v0. tests/wire/test_route_defaults.py checks them against the installed bindings.
 
 GPT4ALL_TEMP = 0.7
 GPT4ALL_TOP_P = 0.4

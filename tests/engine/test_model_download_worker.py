@@ -1,6 +1,6 @@
 """Model retrieval through HTTP on a real worker with ALLOW_DOWNLOAD=true and an API key.
 
-The catalog and the files come from a loopback server this test starts (tests/test_model_download.py).
+The catalog and the files come from a loopback server this test starts (tests/engine/test_model_download.py).
 The worker's HTTP(S)_PROXY points at a recorder with NO_PROXY covering loopback only: any request to
 another host would reach the recorder, and the test checks that none did.
 """

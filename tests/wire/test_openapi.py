@@ -1,7 +1,7 @@
 """The OpenAPI document: valid OpenAPI 3.1, covering every route, its request schemas enforced by the
 routes exactly as documented, the /docs page served with no internet, and the contract cases that
 need a running worker (testing/contract.py: streams through waitress, limits of the model file)
-checked against the document; tests/test_wire_shapes.py checks every case in-process."""
+checked against the document; tests/wire/test_wire_shapes.py checks every case in-process."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from testing.tiny_models import build_tiny_chat_model, build_tiny_embedding_mode
 
 pytestmark = pytest.mark.bundled
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

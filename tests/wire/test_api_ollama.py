@@ -1,6 +1,6 @@
 """Ollama's API (/, /api/*) on real workers with the tiny models: the exact wire shapes over raw HTTP,
 the official `ollama` and `langchain-ollama` packages as clients, the error statuses (those of access
-and loading in-process: tests/test_wire_shapes.py), and cancellation when a streaming client goes away."""
+and loading in-process: tests/wire/test_wire_shapes.py), and cancellation when a streaming client goes away."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import sys
 import venv
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_setup_venv(venv_dir: Path) -> subprocess.CompletedProcess[str]:

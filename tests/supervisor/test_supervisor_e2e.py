@@ -1,7 +1,7 @@
 """The real supervisor (`python watchdog_main.py`) on a free loopback port with the tiny models:
 restart per request, rolling restart, graceful stop, systemd notifications, logs, refusals.
 
-The `start_service` fixture here is shared with the fault tests in tests/test_supervisor_faults.py;
+The `start_service` fixture here is shared with the fault tests in tests/supervisor/test_supervisor_faults.py;
 `Service` itself lives in testing/servers.py, where the benchmarks use it too. Every test ends with no
 process of its service left: the fixture checks every process whose command line names the test's folder.
 """

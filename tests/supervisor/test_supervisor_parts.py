@@ -58,7 +58,7 @@ def test_pid_file_is_locked_while_held_and_free_after_the_holder_dies(tmp_path: 
     assert first.path.read_text() == f"{os.getpid()}\n"
     # another process cannot take it (flock is per open file, so a second process is the honest test)
     probe = f"from pathlib import Path; from supervisor.pidfile import PidFile; PidFile(Path(r'{tmp_path}')).acquire()"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert result.returncode != 0 and f"another supervisor (pid {os.getpid()}) is already running" in result.stderr
     first.release()
     assert not first.path.exists()
@@ -80,7 +80,7 @@ def test_accept_gate_holds_a_loaded_worker_while_closed_and_cannot_close_while_a
         [sys.executable, "-c", f"from pathlib import Path; from api.accept_gate import AcceptGate; "
                                f"AcceptGate(Path(r'{tmp_path}')).wait_until_open(); print('through', flush=True); "
                                f"input()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
     try:
         time.sleep(1)
         assert worker.poll() is None and not _has_output(worker), "it waits at the closed gate"
@@ -202,7 +202,7 @@ def test_the_supervisor_imports_no_flask_waitress_or_gpt4all() -> None:
     probe = ("import sys, supervisor.main, supervisor.fallback, supervisor.arbiter, supervisor.logs; "
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'flask', 'werkzeug', 'waitress', 'gpt4all'}))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                            cwd=Path(__file__).parent.parent)
+                            cwd=Path(__file__).parents[2])
     assert result.stdout.strip() == "[]"
 
 
