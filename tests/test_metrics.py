@@ -1,0 +1,77 @@
+"""GET /metrics on the real supervisor with real generations of the tiny model: the counts equal
+what the test sent, across workers replaced after every request, whoever answers the scrape;
+X-Request-Id is echoed (the client's when valid, a new one otherwise); API_KEY protects it."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from testing.servers import Service
+
+SHORT = {"prompt": "count 0", "max_tokens": 8, "temperature": 0}
+
+
+def scrape(service: Service, **headers: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = requests.get(service.url + "/metrics", headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def total(samples: dict, name: str) -> float:  # type: ignore[type-arg]
+    return sum(found for (sample, _labels), found in samples.items() if sample == name)
+
+
+def test_counts_equal_what_was_sent_across_restarts(start_service: Callable[..., Service]) -> None:
+    service = start_service(WORKERS=2, WARM_SPARES=1, RESTART_AFTER_REQUESTS=1)
+    sent = 12
+
+    def complete(_index: int) -> requests.Response:
+        return requests.post(service.url + "/v1/completions", json=SHORT, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(complete, range(sent)))
+    statuses = [reply.status_code for reply in replies]
+    pids = {reply.headers["X-Worker-Pid"] for reply in replies}
+    assert len(pids) == sent, "every request met a fresh worker"
+    prompt = sum(reply.json()["usage"]["prompt_tokens"] for reply in replies if reply.status_code == 200)
+    generated = sum(reply.json()["usage"]["completion_tokens"] for reply in replies if reply.status_code == 200)
+    missing = requests.post(service.url + "/v1/completions", json={"max_tokens": 1}, timeout=60)  # no prompt
+    assert missing.status_code == 400
+
+    samples = scrape(service)
+    route = "/v1/completions"
+    for status in set(statuses):
+        assert value(samples, "gpt4all_http_requests_total", route=route, status=str(status),
+                     wire_format="openai_chat") == statuses.count(status)
+    assert value(samples, "gpt4all_http_requests_total", route=route, status="400", wire_format="openai_chat") == 1
+    assert total(samples, "gpt4all_prompt_tokens_total") == prompt
+    assert total(samples, "gpt4all_generated_tokens_total") == generated
+    assert value(samples, "gpt4all_time_to_first_token_seconds_count") == statuses.count(200)
+    service.wait_for(lambda: value(scrape(service), "gpt4all_worker_exits_total", reason="served") >= sent, 30,
+                     "every used worker reaped")
+    assert value(scrape(service), "gpt4all_worker_startup_seconds_count") >= sent
+    again = scrape(service)  # another worker answers: the same counts
+    assert value(again, "gpt4all_http_requests_total", route=route, status="200",
+                 wire_format="openai_chat") == statuses.count(200)
+    assert total(again, "gpt4all_generated_tokens_total") == generated
+
+
+def test_request_id_is_echoed_and_metrics_need_the_key(start_service: Callable[..., Service]) -> None:
+    service = start_service(WORKERS=1, WARM_SPARES=0, API_KEY="sesame")
+    refused = requests.get(service.url + "/metrics", headers={"X-Request-Id": "abc-123"}, timeout=30)
+    assert refused.status_code == 401
+    assert refused.headers["X-Request-Id"] == "abc-123"
+    fresh = requests.get(service.url + "/health", headers={"X-Request-Id": "bad id with spaces"}, timeout=30)
+    assert fresh.headers["X-Request-Id"] not in ("", "bad id with spaces")
+    samples = scrape(service, Authorization="Bearer sesame")
+    assert value(samples, "gpt4all_http_requests_total", route="/metrics", status="401", wire_format="health") == 1
