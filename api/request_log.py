@@ -79,6 +79,11 @@ def log_access(record: RequestRecord) -> None:
                     record.elapsed() * 1000, tokens, record.id, extra={"fields": record.fields()})
 
 
+def iso_time(created: float) -> str:
+    """A log record's time for JSON lines: UTC, ISO 8601, milliseconds."""
+    return datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat(timespec="milliseconds")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, worker, pid, logger, message, and a request's fields
     (the access log's, or the request id of any line logged while serving one)."""
@@ -90,7 +95,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, object] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "time": iso_time(record.created),
             "level": record.levelname, "worker": self.worker, "pid": self.pid, "logger": record.name,
             "message": record.getMessage()}
         fields = getattr(record, "fields", None)

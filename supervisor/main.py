@@ -118,7 +118,8 @@ class Supervisor:
             cleanup.callback(listener.close)
             with unwritable_folder_is_a_config_error("LOG_FOLDER_NAME", settings.log_dir):
                 logs = LogWriter(settings.log_dir, max_bytes=settings.log_max_bytes, backups=settings.log_backups,
-                                 level=logging.DEBUG if settings.debug else logging.INFO)
+                                 level=logging.DEBUG if settings.debug else logging.INFO,
+                                 json_lines=settings.log_format == "json")
             logs.start()
             cleanup.callback(logs.stop)
             self.clear_stale_sentinels()

@@ -75,3 +75,23 @@ def test_request_id_is_echoed_and_metrics_need_the_key(start_service: Callable[.
     assert fresh.headers["X-Request-Id"] not in ("", "bad id with spaces")
     samples = scrape(service, Authorization="Bearer sesame")
     assert value(samples, "gpt4all_http_requests_total", route="/metrics", status="401", wire_format="health") == 1
+
+
+def test_json_logs_one_object_per_line_with_an_access_line(start_service: Callable[..., Service]) -> None:
+    import json
+
+    service = start_service(WORKERS=1, WARM_SPARES=1, LOG_FORMAT="json")
+    reply = requests.post(service.url + "/v1/completions", json=SHORT, headers={"X-Request-Id": "trace-7"}, timeout=120)
+    assert reply.status_code == 200 and reply.headers["X-Request-Id"] == "trace-7"
+
+    def access_line() -> dict | None:  # type: ignore[type-arg]
+        lines = [json.loads(line) for line in service.log_path.read_text().splitlines() if line.strip()]
+        return next((line for line in lines if line.get("request_id") == "trace-7" and "status" in line), None)
+
+    service.wait_for(access_line, 20, "the request's access-log line")
+    line = access_line()
+    assert line is not None
+    assert line["status"] == 200 and line["route"] == "/v1/completions" and line["worker"].startswith("worker ")
+    assert line["pid"] == int(reply.headers["X-Worker-Pid"])
+    assert line["completion_tokens"] == reply.json()["usage"]["completion_tokens"]
+    assert line["duration_seconds"] > 0 and "time_to_first_token_seconds" in line
