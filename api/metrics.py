@@ -187,9 +187,11 @@ class FolderCollector:
 # -- compaction (the supervisor)
 
 
-def files_of(folder: Path, pid: int) -> list[str]:
-    return [path for path in live_files(folder) if Path(path).stem.rsplit("_", 1)[-1] == str(pid)
-            and Path(path).name.split("_", 1)[0] in ("counter", "histogram")]
+def files_of(folder: Path, pids: Iterable[int]) -> list[str]:
+    """The files these processes wrote. (A worker's gauge files hold only the zeros of gauges the
+    supervisor alone sets: compaction deletes them without merging.)"""
+    wanted = {str(pid) for pid in pids}
+    return [path for path in live_files(folder) if Path(path).stem.rsplit("_", 1)[-1] in wanted]
 
 
 def summed_values(paths: Iterable[str]) -> dict[str, dict[str, float]]:
@@ -200,6 +202,8 @@ def summed_values(paths: Iterable[str]) -> dict[str, dict[str, float]]:
     sums: dict[str, dict[str, float]] = {"counter": {}, "histogram": {}}
     for path in paths:
         kind = Path(path).name.split("_", 1)[0]
+        if kind not in sums:
+            continue
         with contextlib.suppress(FileNotFoundError):
             for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(path):
                 sums[kind][key] = sums[kind].get(key, 0.0) + value
@@ -223,7 +227,7 @@ class Compactor:
     def compact(self) -> None:
         from prometheus_client.mmap_dict import MmapedDict
 
-        dead_files = [path for pid in self.dead for path in files_of(self.folder, pid)]
+        dead_files = files_of(self.folder, self.dead)
         self.dead = []
         previous = self.generation_folder(self.generation) if self.generation else None
         inputs = dead_files + (glob.glob(os.path.join(previous, "*.db")) if previous else [])
