@@ -95,3 +95,45 @@ def test_json_logs_one_object_per_line_with_an_access_line(start_service: Callab
     assert line["pid"] == int(reply.headers["X-Worker-Pid"])
     assert line["completion_tokens"] == reply.json()["usage"]["completion_tokens"]
     assert line["duration_seconds"] > 0 and "time_to_first_token_seconds" in line
+
+
+def test_compaction_keeps_every_count_and_removes_dead_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from api.metrics import Compactor, FolderCollector
+    from testing.servers import REPO
+
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    code = ("from api.metrics import meters; m = meters(); m.requests.labels('/x', '200', 'w').inc(3); "
+            "m.request_seconds.labels('w').observe(0.3); m.generated_tokens.labels('tiny').inc(5)")
+    pids = []
+    for _ in range(3):  # three real "workers", each leaving its files behind
+        child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO,
+                                 env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)})
+        assert child.wait(60) == 0
+        pids.append(child.pid)
+
+    def samples() -> dict:  # type: ignore[type-arg]
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in FolderCollector(folder).collect() for s in family.samples}
+
+    before = samples()
+    assert before == {(s.name, tuple(sorted(s.labels.items()))): s.value
+                      for family in MultiProcessCollector.merge([str(p) for p in folder.glob("*.db")])
+                      for s in family.samples}
+    assert before[("gpt4all_http_requests_total", (("route", "/x"), ("status", "200"), ("wire_format", "w")))] == 9
+    compactor = Compactor(folder, every=2)
+    for pid in pids[:2]:
+        compactor.worker_gone(pid)  # the second one compacts
+    assert samples() == before
+    assert [path.name for path in folder.glob("*.db") if path.stem.endswith(str(pids[2]))]
+    assert not [path for path in folder.glob("*.db") if path.stem.rsplit("_", 1)[-1] in map(str, pids[:2])]
+    compactor.worker_gone(pids[2])
+    compactor.compact()  # a second generation on top of the first
+    assert samples() == before
+    assert not list(folder.glob("*.db"))
