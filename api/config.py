@@ -14,12 +14,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
+
+from api.protocol import EXIT_CONFIG
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE_VARIABLE = "ENV_FILE"  # points at another .env file (tests point it at an empty one)
@@ -358,6 +361,20 @@ def check_model_files(settings: Settings) -> None:
             f"a model file in MODEL_PATH ({settings.model_path}); no such file. "
             "Put the .gguf file there, or leave MODEL_NAME unset for the bundled model",
         )
+
+
+def settings_to_start() -> Settings:
+    """The settings of a process started from the command line, with the chat model file checked.
+
+    On a configuration error the process prints it as one line and exits with EXIT_CONFIG: the
+    supervisor and a standalone worker refuse a bad start the same way."""
+    try:
+        settings = load_settings()
+        check_model_files(settings)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    return settings
 
 
 def render_env_example() -> str:

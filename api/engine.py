@@ -24,9 +24,18 @@ from pathlib import Path
 from gpt4all import GPT4All
 from gpt4all import _pyllmodel as bindings
 
-from api.chat_template import ChatTemplate
-from api.gguf_file import GGUFFormatError, read_metadata
-from api.inference import EmbeddingCancelled, EngineError, EngineRun, ModelLoadError, PromptTooLong, TokenSink
+from api.inference import (
+    ChatModelFile,
+    EmbeddingCancelled,
+    EngineError,
+    EngineRun,
+    ModelLoadError,
+    OneAtATime,
+    PromptTooLong,
+    TokenSink,
+    read_model_metadata,
+    trained_context,
+)
 from api.sampling import SamplingParams
 
 # gpt4all caps the prompt batch at 128; its generate() default of 8 costs 15-25% of first-token time.
@@ -57,15 +66,6 @@ def _load(path: Path, *, n_ctx: int, n_threads: int, device: str) -> GPT4All:
     return model
 
 
-def _read_model_metadata(path: Path) -> dict[str, object]:
-    if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path.name} (in MODEL_PATH)")
-    try:
-        return read_metadata(path)
-    except (GGUFFormatError, OSError) as error:
-        raise ModelLoadError(f"{path.name}: {error}") from None
-
-
 def _reported_error(message: str) -> EngineError:
     """The error the bindings reported as text through the token callback."""
     if "too long" in message or "context" in message.lower():
@@ -73,37 +73,25 @@ def _reported_error(message: str) -> EngineError:
     return EngineError(f"The model reported an error: {message.strip()}")
 
 
-class ChatModel:
+class ChatModel(OneAtATime):
     """One loaded chat model; `generate` runs one generation at a time."""
 
     def __init__(self, path: Path, *, n_ctx: int, n_threads: int, device: str = "cpu") -> None:
+        super().__init__()
         self.path = path
         self.name = path.name
-        metadata = _read_model_metadata(path)
-        trained = metadata.get(f"{metadata.get('general.architecture')}.context_length")
-        self.context_length = min(n_ctx, int(trained)) if isinstance(trained, int) else n_ctx
-        self.template = ChatTemplate(
-            metadata.get("tokenizer.chat_template") if isinstance(metadata.get("tokenizer.chat_template"), str) else None,
-            bos_token=str(metadata.get("bos_token") or ""),
-            eos_token=str(metadata.get("eos_token") or ""),
-        )
+        header = ChatModelFile.read(path, n_ctx)
+        self.context_length = header.context_length
+        self.template = header.template
         loading_since = time.time()
         self._gpt4all = _load(path, n_ctx=self.context_length, n_threads=n_threads, device=device)
         self.loaded_between = (loading_since, time.time())  # the sampler was seeded from the clock in here
         self._llmodel = self._gpt4all.model
-        self._lock = threading.Lock()
         self.device = self._gpt4all.device or "cpu"
 
     def close(self) -> None:
         with self._lock:
             self._gpt4all.close()
-
-    def acquire(self, timeout: float) -> bool:
-        """Reserve the model for one generation; False if it stays busy for `timeout` seconds."""
-        return self._lock.acquire(timeout=timeout)
-
-    def release(self) -> None:
-        self._lock.release()
 
     def generate(
         self,
@@ -236,28 +224,19 @@ def _groups(texts: list[str], budget: int) -> list[list[str]]:
     return groups
 
 
-class EmbeddingModel:
+class EmbeddingModel(OneAtATime):
     """One loaded embedding model (BERT-style GGUF), one call at a time."""
 
     def __init__(self, path: Path, *, n_threads: int, device: str = "cpu") -> None:
+        super().__init__()
         self.path = path
         self.name = path.name
-        metadata = _read_model_metadata(path)
-        trained = metadata.get(f"{metadata.get('general.architecture')}.context_length")
-        self.context_length = int(trained) if isinstance(trained, int) else 512
+        self.context_length = trained_context(read_model_metadata(path)) or 512
         self._gpt4all = _load(path, n_ctx=self.context_length, n_threads=n_threads, device=device)
-        self._lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:
             self._gpt4all.close()
-
-    def acquire(self, timeout: float) -> bool:
-        """Reserve the model for one request; False if it stays busy for `timeout` seconds."""
-        return self._lock.acquire(timeout=timeout)
-
-    def release(self) -> None:
-        self._lock.release()
 
     def embed(self, texts: list[str], *, cancel: threading.Event | None = None,
               progress: Callable[[], None] | None = None) -> tuple[list[list[float]], int]:

@@ -49,6 +49,10 @@ class Forbidden(ApiError):
     code = "forbidden"
 
 
+class DownloadDisabled(Forbidden):
+    code = "download_disabled"
+
+
 class NotFound(ApiError):
     status = 404
     type = "invalid_request_error"
@@ -110,6 +114,25 @@ class EngineFailure(ApiError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+class DownloadFailed(ApiError):
+    """The model or catalog server failed us (bad status, truncated, wrong checksum): 502."""
+
+    status = 502
+    type = "server_error"
+    code = "download_failed"
+
+
+class DownloadTimeout(DownloadFailed):
+    status = 504
+    code = "download_timeout"
+
+
+class InsufficientStorage(ApiError):
+    status = 507
+    type = "server_error"
+    code = "insufficient_storage"
 
 
 class ModelLoadFailed(EngineFailure):

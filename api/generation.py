@@ -64,6 +64,17 @@ class Limits:
     default_max_tokens: int
     """The longest reply when a request does not say (DEFAULT_MAX_TOKENS)."""
 
+    def overrun(self, what: str, started_at: float, last_sign_of_life: float, now: float,
+                stalled: str) -> GenerationTimeout | None:
+        """The 504 for a `what` (generation, embedding) running past REQUEST_TIMEOUT, or showing no
+        sign of life for STALL_TIMEOUT; None while within both. `stalled` words the second case,
+        with {} where the limit goes."""
+        if now - started_at > self.request_timeout:
+            return GenerationTimeout(f"the {what} ran longer than REQUEST_TIMEOUT ({self.request_timeout:g} s) and was stopped")
+        if now - last_sign_of_life > self.stall_timeout:
+            return GenerationTimeout(stalled.format(f"STALL_TIMEOUT ({self.stall_timeout:g} s)"))
+        return None
+
 
 @dataclass
 class GenerationRequest:
@@ -172,7 +183,6 @@ class Generation:
         self._limits = limits
         self._observer = observer
         self._place = place
-        self._release_slot: Release = lambda: None
         self._events: queue.Queue[tuple[str, object]] = queue.Queue()
         self._cancel = threading.Event()
         self._stop_filter = StopFilter(request.stop)
@@ -187,15 +197,8 @@ class Generation:
         """Wait for the inference slot in line, reserve the model (ServiceUnavailable if it stays
         busy for REQUEST_TIMEOUT), and start generating. (Slot first, then the model, everywhere:
         the other order could deadlock two threads of one worker.)"""
-        self._release_slot = take_slot_then_model(self._place, self._model, self._request, self._limits)
-        try:
-            self._started_at = time.monotonic()
-            self._observer.inference_started()
-            threading.Thread(target=self._run, name=f"generation-{self.id[:8]}", daemon=True).start()
-        except BaseException:
-            self._release_slot()  # the model thread that would have given both back never ran
-            self._model.release()
-            raise
+        self._started_at = start_on_model(self._place, self._model, self._request, self._limits, self._observer,
+                                          self._run, f"generation-{self.id[:8]}")
         self._pieces = self._read_pieces()
 
     def prime(self) -> None:
@@ -231,7 +234,7 @@ class Generation:
 
     # -- the model's thread
 
-    def _run(self) -> None:
+    def _run(self, release_slot: Release) -> None:
         try:
             run = self._model.generate(
                 self._prompt, self._request.sampling, self._on_text,
@@ -246,7 +249,7 @@ class Generation:
         except Exception as error:
             self._events.put(("error", EngineFailure(f"generation failed: {type(error).__name__}")))
         finally:
-            self._release_slot()
+            release_slot()
             self._model.release()
             self._observer.inference_finished()
 
@@ -299,14 +302,11 @@ class Generation:
             now = time.monotonic()
             if not self._cancel.is_set() and self._request.is_disconnected():
                 self._cancel.set()  # nobody is listening: stop at the next token
-            if now - self._started_at > self._limits.request_timeout:
+            overrun = self._limits.overrun("generation", self._started_at, last_event_at, now,
+                                           "the model produced nothing for {}; the generation was stopped")
+            if overrun is not None:
                 self._cancel.set()
-                raise GenerationTimeout(
-                    f"the generation ran longer than REQUEST_TIMEOUT ({self._limits.request_timeout:g} s) and was stopped")
-            if now - last_event_at > self._limits.stall_timeout:
-                self._cancel.set()
-                raise GenerationTimeout(
-                    f"the model produced nothing for STALL_TIMEOUT ({self._limits.stall_timeout:g} s); the generation was stopped")
+                raise overrun
             try:
                 return self._events.get(timeout=_DISCONNECT_POLL_SECONDS)
             except queue.Empty:
@@ -344,16 +344,9 @@ class Embedding:
         self._started_at = self._last_progress_at = time.monotonic()
 
     def run(self) -> tuple[list[list[float]], int]:
-        release_slot = take_slot_then_model(self._place, self._model, GenerationRequest(
-            SamplingParams(), is_disconnected=self._is_disconnected), self._limits)
-        try:
-            self._started_at = self._last_progress_at = time.monotonic()
-            self._observer.inference_started()
-            threading.Thread(target=self._work, args=(release_slot,), name="embedding", daemon=True).start()
-        except BaseException:
-            release_slot()  # the thread that would have given both back never ran
-            self._model.release()
-            raise
+        request = GenerationRequest(SamplingParams(), is_disconnected=self._is_disconnected)
+        self._started_at = self._last_progress_at = start_on_model(
+            self._place, self._model, request, self._limits, self._observer, self._work, "embedding")
         return self._wait()
 
     # -- the model's thread
@@ -393,15 +386,12 @@ class Embedding:
             return outcome
 
     def _enforce_limits(self, now: float) -> None:
-        if now - self._started_at > self._limits.request_timeout:
+        overrun = self._limits.overrun("embedding", self._started_at, self._last_progress_at, now,
+                                       "the embedding made no progress for {} and was stopped "
+                                       "(a very long single input may need a higher STALL_TIMEOUT)")
+        if overrun is not None:
             self._cancel.set()
-            raise GenerationTimeout(
-                f"the embedding ran longer than REQUEST_TIMEOUT ({self._limits.request_timeout:g} s) and was stopped")
-        if now - self._last_progress_at > self._limits.stall_timeout:
-            self._cancel.set()
-            raise GenerationTimeout(
-                f"the embedding made no progress for STALL_TIMEOUT ({self._limits.stall_timeout:g} s) and was stopped "
-                "(a very long single input may need a higher STALL_TIMEOUT)")
+            raise overrun
 
 
 class ModelResolver(Protocol):
@@ -514,6 +504,23 @@ def take_slot_then_model(place: Place, model: ChatEngine | EmbeddingEngine, requ
         release_slot()
         raise ServiceUnavailable("the model is busy with another request; try again", retry_after=2)
     return release_slot
+
+
+def start_on_model(place: Place, model: ChatEngine | EmbeddingEngine, request: GenerationRequest, limits: Limits,
+                   observer: InferenceObserver, work: Callable[[Release], None], name: str) -> float:
+    """Take the slot, then the model (take_slot_then_model), and run `work(release_slot)` in a thread
+    of its own, which gives both back when it ends. Returns when the model was taken: time in line
+    does not count towards REQUEST_TIMEOUT."""
+    release_slot = take_slot_then_model(place, model, request, limits)
+    try:
+        taken_at = time.monotonic()
+        observer.inference_started()
+        threading.Thread(target=work, args=(release_slot,), name=name, daemon=True).start()
+    except BaseException:
+        release_slot()  # the thread that would have given both back never ran
+        model.release()
+        raise
+    return taken_at
 
 
 def check_sampling(sampling: SamplingParams) -> SamplingParams:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from api.chat_template import ChatTemplate
+from api.gguf_file import GGUFFormatError, read_metadata
 from api.sampling import SamplingParams
 
 
@@ -48,6 +50,54 @@ class EmbeddingCancelled(EngineError):
 
 class ModelLoadError(EngineError):
     """The model file exists but the engine cannot use it."""
+
+
+class OneAtATime:
+    """A loaded model serves one call at a time: `acquire` before it, `release` after."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def acquire(self, timeout: float) -> bool:
+        """Reserve the model for one call; False if it stays busy for `timeout` seconds."""
+        return self._lock.acquire(timeout=timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+def read_model_metadata(path: Path) -> dict[str, object]:
+    """The GGUF metadata of a model file an engine is about to load; ModelLoadError if it has none."""
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path.name} (in MODEL_PATH)")
+    try:
+        return read_metadata(path)
+    except (GGUFFormatError, OSError) as error:
+        raise ModelLoadError(f"{path.name}: {error}") from None
+
+
+def trained_context(metadata: dict[str, object]) -> int | None:
+    """The context window the model was trained with, if its metadata says."""
+    trained = metadata.get(f"{metadata.get('general.architecture')}.context_length")
+    return trained if isinstance(trained, int) else None
+
+
+@dataclass(frozen=True)
+class ChatModelFile:
+    """What a chat engine takes from a model file's header: its window (N_CTX, at most the trained
+    one) and its own chat template."""
+
+    context_length: int
+    template: ChatTemplate
+
+    @classmethod
+    def read(cls, path: Path, n_ctx: int) -> ChatModelFile:
+        metadata = read_model_metadata(path)
+        trained = trained_context(metadata)
+        source = metadata.get("tokenizer.chat_template")
+        template = ChatTemplate(source if isinstance(source, str) else None, bos_token=str(metadata.get("bos_token") or ""),
+                                eos_token=str(metadata.get("eos_token") or ""))
+        return cls(min(n_ctx, trained) if trained is not None else n_ctx, template)
 
 
 class ChatEngine(Protocol):

@@ -33,10 +33,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
-
 from api.config import Settings
-from api.errors import ApiError, Forbidden, InvalidRequest, ModelNotFound, NotFound
+from api.errors import (
+    DownloadDisabled,
+    DownloadFailed,
+    DownloadTimeout,
+    Forbidden,
+    InsufficientStorage,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+)
 from api.model_names import ModelNameError, file_name_for
 
 log = logging.getLogger("api.model_download")
@@ -49,32 +56,6 @@ PROGRESS_EVERY_SECONDS = 5.0
 FREE_SPACE_MARGIN_BYTES = 64 << 20
 USER_AGENT = "gpt4all-api-daemon"
 GGUF_MAGIC = b"GGUF"
-
-
-# -- errors (rendered by every wire format like any ApiError)
-
-
-class DownloadDisabled(Forbidden):
-    code = "download_disabled"
-
-
-class DownloadFailed(ApiError):
-    """The model or catalog server failed us (bad status, truncated, wrong checksum): 502."""
-
-    status = 502
-    type = "server_error"
-    code = "download_failed"
-
-
-class DownloadTimeout(DownloadFailed):
-    status = 504
-    code = "download_timeout"
-
-
-class InsufficientStorage(ApiError):
-    status = 507
-    type = "server_error"
-    code = "insufficient_storage"
 
 
 DISABLED_MESSAGE = "downloading models is disabled on this server (ALLOW_DOWNLOAD=false)"
@@ -146,6 +127,8 @@ def _host(url: str) -> str:
 
 
 def _timeout_or_failure(what: str, error: Exception) -> DownloadFailed:
+    import requests
+
     text = str(error).lower()
     if isinstance(error, requests.Timeout) or "timed out" in text:
         return DownloadTimeout(f"{what}: no data for DOWNLOAD_TIMEOUT seconds; gave up")
@@ -215,6 +198,8 @@ class ModelDownloader:
         return entries
 
     def _fetch_catalog(self) -> list[Any]:
+        import requests  # here, not at the top: a worker that never downloads does not pay for it
+
         source = self.catalog_url
         what = f"the model catalog at {_host(source)}"
         try:
@@ -311,6 +296,8 @@ class ModelDownloader:
             time.sleep(0.2)
 
     def _stream(self, entry: CatalogEntry, out: Any) -> None:
+        import requests
+
         what = f"download of {entry.filename} from {_host(entry.url)}"
         expected = entry.filesize
         if expected is not None:

@@ -10,11 +10,13 @@ import enum
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
 
 from api.config import Settings
 from api.errors import ModelLoadFailed, ModelNotFound, ServiceUnavailable
 from api.generation import GenerationService, InferenceObserver, Limits
-from api.inference import ModelLoadError
+from api.inference import ChatEngine, EmbeddingEngine, ModelLoadError
 from api.inference_slots import InferenceSlots
 from api.model_names import InstalledModel, ModelNameError, file_name_for, installed_models, model_id
 from api.sampler_seed import claim_slot
@@ -28,29 +30,52 @@ class RuntimeState(enum.Enum):
     FAILED = "failed"
 
 
+class EngineLoader(Protocol):
+    """Opens model files as engines. Raises ModelLoadError for a file the engine cannot use."""
+
+    def chat(self, path: Path, settings: Settings, *, default: bool) -> ChatEngine:
+        """`default`: the worker's own model, loaded at start (its sampler gets the worker's seed)."""
+        ...
+
+    def embedding(self, path: Path, settings: Settings) -> EmbeddingEngine: ...
+
+
+class GPT4AllLoader:
+    """The real engine (api/engine.py), imported on the first load: importing api must not import gpt4all."""
+
+    def chat(self, path: Path, settings: Settings, *, default: bool) -> ChatEngine:
+        from api.engine import ChatModel
+
+        chat = ChatModel(path, n_ctx=settings.n_ctx, n_threads=settings.threads_per_worker, device=settings.device)
+        if default:
+            chat.advance_sampler(claim_slot(settings.run_dir, *chat.loaded_between))
+        return chat
+
+    def embedding(self, path: Path, settings: Settings) -> EmbeddingEngine:
+        from api.engine import EmbeddingModel
+
+        return EmbeddingModel(path, n_threads=settings.threads_per_worker, device=settings.device)
+
+
 class ModelHost:
     """The loaded models of this worker, and the installed ones it may load on demand."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, loader: EngineLoader | None = None) -> None:
         self.settings = settings
-        self._chat: dict[str, object] = {}
-        self._embedding: object | None = None
+        self.loader = loader or GPT4AllLoader()
+        self._chat: dict[str, ChatEngine] = {}
+        self._embedding: EmbeddingEngine | None = None
         self._load_lock = threading.Lock()
         self.failure: str | None = None  # why the default model could not be loaded, if it could not
 
-    # -- loading (imports the engine lazily: importing api must not import gpt4all)
+    # -- loading
 
     def load_default_models(self) -> None:
-        from api.engine import ChatModel, EmbeddingModel
-
         settings = self.settings
-        chat = ChatModel(settings.chat_model_file, n_ctx=settings.n_ctx, n_threads=settings.threads_per_worker,
-                         device=settings.device)
-        chat.advance_sampler(claim_slot(settings.run_dir, *chat.loaded_between))
+        chat = self.loader.chat(settings.chat_model_file, settings, default=True)
         self._chat[chat.name] = chat
         if settings.embedding_model_file.is_file():
-            self._embedding = EmbeddingModel(settings.embedding_model_file, n_threads=settings.threads_per_worker,
-                                             device=settings.device)
+            self._embedding = self.loader.embedding(settings.embedding_model_file, settings)
         else:
             log.warning("embedding model %s not found in %s: /v1/embeddings is off",
                         settings.embedding_model_name, settings.model_path)
@@ -77,7 +102,7 @@ class ModelHost:
         except ModelNameError:
             raise self._not_found(requested) from None
 
-    def chat_model(self, requested: str | None):
+    def chat_model(self, requested: str | None) -> ChatEngine:
         default = self._chat.get(self.settings.model_name)
         if default is None and self.failure:
             raise ServiceUnavailable(f"the model could not be loaded: {self.failure}", retry_after=30,
@@ -91,9 +116,7 @@ class ModelHost:
             return self._chat[name]
         return self._load_chat_on_demand(name, requested)
 
-    def _load_chat_on_demand(self, name: str, requested: str):
-        from api.engine import ChatModel
-
+    def _load_chat_on_demand(self, name: str, requested: str) -> ChatEngine:
         path = self.settings.model_path / name
         described = next((model for model in self.installed() if model.file_name == name), None)
         if described is None:
@@ -105,13 +128,12 @@ class ModelHost:
             if name not in self._chat:
                 log.info("loading model %s on demand", name)
                 try:
-                    self._chat[name] = ChatModel(path, n_ctx=self.settings.n_ctx,
-                                                 n_threads=self.settings.threads_per_worker, device=self.settings.device)
+                    self._chat[name] = self.loader.chat(path, self.settings, default=False)
                 except ModelLoadError as error:
                     raise ModelLoadFailed(f"the model '{requested}' could not be loaded: {error}", param="model") from None
         return self._chat[name]
 
-    def embedding_model(self, requested: str | None):
+    def embedding_model(self, requested: str | None) -> EmbeddingEngine:
         if self._embedding is None:
             raise ServiceUnavailable("no embedding model is installed (EMBEDDING_MODEL_NAME)", retry_after=60,
                                      code="embedding_model_missing")
@@ -122,9 +144,9 @@ class ModelHost:
 
 class Runtime:
     def __init__(self, settings: Settings, observer: InferenceObserver | None = None,
-                 slots: InferenceSlots | None = None) -> None:
+                 slots: InferenceSlots | None = None, loader: EngineLoader | None = None) -> None:
         self.settings = settings
-        self.models = ModelHost(settings)
+        self.models = ModelHost(settings, loader)
         self.service = GenerationService(
             self.models, Limits(settings.request_timeout, settings.stall_timeout, settings.default_max_tokens), observer, slots)
         self.state = RuntimeState.LOADING

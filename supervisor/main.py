@@ -23,9 +23,9 @@ from pathlib import Path
 
 from api.accept_gate import AcceptGate
 from api.access import AccessPolicy
-from api.config import ConfigError, Settings, check_model_files, load_settings
+from api.config import ConfigError, Settings, load_settings, settings_to_start
 from api.metrics import SupervisorMeters, prepare_folder
-from api.protocol import is_sentinel_name, read_sentinel
+from api.protocol import EXIT_CONFIG, is_sentinel_name, read_sentinel  # EXIT_CONFIG: one line printed, as a worker does
 from api.slot_queue import SlotQueue, is_ticket_name
 from supervisor.arbiter import Arbiter, Timing
 from supervisor.fallback import FallbackResponder
@@ -38,7 +38,6 @@ log = logging.getLogger("supervisor")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the supervisor itself failed (a bug): systemd's Restart=on-failure applies
-EXIT_CONFIG = 2  # bad configuration: printed as one line
 EXIT_CANNOT_START = 3  # another supervisor holds the pid file, or the port is taken
 
 HANDLED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGBREAK")  # those this platform has
@@ -268,12 +267,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        settings = load_settings()
-        check_model_files(settings)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return EXIT_CONFIG
+    settings = settings_to_start()
     try:
         return Supervisor(settings, control_stdin=args.control_stdin).run()
     except ConfigError as error:  # a folder setting found unusable while starting

@@ -79,16 +79,38 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float = 30.0, path: str = "/ready",
                    accept: Callable[[int], bool] = lambda status: status == 200) -> ServerProcess:
+        """Wait until this server's own worker answers `path` with a status `accept` takes.
+
+        An answer counts only if its `X-Worker-Pid` is this process or one it started: a port
+        race once let a test talk to another suite's worker on the port it thought it owned.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
             with contextlib.suppress(requests.RequestException):
-                if accept(requests.get(self.url + path, timeout=1).status_code):
+                response = requests.get(self.url + path, timeout=1)
+                if self.answered_by_us(response) and accept(response.status_code):
                     return self
             time.sleep(0.05)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_text()[-3000:]}")
+
+    def answered_by_us(self, response: requests.Response) -> bool:
+        """True if one of our processes answered; raises if a live process of someone else's did.
+
+        No header (the supervisor's fallback responder, or a foreign server) is not ours yet; a pid
+        that has exited since it answered may have been a worker of ours that was recycled."""
+        header = response.headers.get("X-Worker-Pid", "")
+        if not header.isdigit():
+            return False
+        pid = int(header)
+        if pid == self.pid or pid in {child.pid for child in self.descendants()}:
+            return True
+        if psutil.pid_exists(pid):
+            raise RuntimeError(f"port {self.port} is answered by pid {pid}, which this server (pid {self.pid}) "
+                               f"did not start: another test's server took the port")
+        return False
 
     def wait_answering(self, timeout: float = 30.0) -> ServerProcess:
         """Wait until the server answers HTTP at all (whatever the status)."""

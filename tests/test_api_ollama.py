@@ -1,6 +1,6 @@
 """Ollama's API (/, /api/*) on real workers with the tiny models: the exact wire shapes over raw HTTP,
-the official `ollama` and `langchain-ollama` packages as clients, every error status, and
-cancellation when a streaming client goes away."""
+the official `ollama` and `langchain-ollama` packages as clients, the error statuses (those of access
+and loading in-process: tests/test_wire_shapes.py), and cancellation when a streaming client goes away."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from langchain_ollama import ChatOllama, OllamaEmbeddings, OllamaLLM
 
 from api.wire.ollama import human_number
 from testing.assertions import QUESTION, cosine
-from testing.servers import ServerProcess, Service, running_worker, start_worker
+from testing.servers import ServerProcess, Service, running_worker
 from testing.tiny_models import TINY_CHAT, TINY_CHAT_REPLY, TINY_CHAT_TEMPLATE, TINY_EMBED, TINY_EMBEDDING_DIM, tiny_settings
 
 KEY = "ollama-key"
@@ -426,19 +426,6 @@ def keyed_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         yield worker
 
 
-def test_the_api_key_is_required_but_the_health_routes_stay_open(keyed_worker: ServerProcess) -> None:
-    url = keyed_worker.url
-    assert requests.get(url + "/", timeout=10).text == "Ollama is running"
-    assert requests.head(url + "/", timeout=10).status_code == 200
-    assert requests.get(url + "/api/version", timeout=10).status_code == 200
-    for method, path in [("get", "/api/tags"), ("get", "/api/ps"), ("post", "/api/show"), ("post", "/api/chat"),
-                         ("post", "/api/generate"), ("post", "/api/embed"), ("post", "/api/embeddings")]:
-        response = requests.request(method, url + path, json={"model": "tiny-chat"}, timeout=10)
-        assert_ollama_error(response, 401, "API key")
-    wrong = requests.get(url + "/api/tags", headers={"Authorization": "Bearer nope"}, timeout=10)
-    assert_ollama_error(wrong, 401, "API key")
-
-
 def test_the_official_client_sends_the_key_as_a_bearer_token(keyed_worker: ServerProcess) -> None:
     keyed = ollama.Client(host=keyed_worker.url, headers={"Authorization": f"Bearer {KEY}"})
     assert keyed.chat(model="tiny-chat", messages=HELLO, options={"temperature": 0}).message.content == TINY_CHAT_REPLY
@@ -446,32 +433,6 @@ def test_the_official_client_sends_the_key_as_a_bearer_token(keyed_worker: Serve
     with pytest.raises(ollama.ResponseError) as raised:
         ollama.Client(host=keyed_worker.url).list()
     assert raised.value.status_code == 401 and "API key" in raised.value.error
-
-
-def test_a_client_not_in_authorized_urls_is_a_403_in_ollama_shape(tiny_model_dir: Path, tmp_path: Path) -> None:
-    worker = start_worker(tiny_model_dir, tmp_path, **tiny_settings(AUTHORIZED_URLS="10.1.2.3"))
-    try:
-        worker.wait_answering()
-        assert_ollama_error(requests.get(worker.url + "/api/tags", timeout=10), 403, "AUTHORIZED_URLS")
-        assert_ollama_error(post(worker, "/api/chat", {"model": "tiny-chat", "messages": HELLO}), 403, "AUTHORIZED_URLS")
-    finally:
-        assert worker.stop() == []
-
-
-def test_a_model_that_cannot_load_is_a_503_with_retry_after(tmp_path: Path) -> None:
-    model_dir = tmp_path / "models"
-    model_dir.mkdir()
-    (model_dir / "broken.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 40)
-    worker = start_worker(model_dir, tmp_path, **tiny_settings(MODEL_NAME="broken.gguf"))
-    try:
-        worker.wait_ready(accept=lambda status: status == 503 and "reason" in requests.get(worker.url + "/health").json())
-        for path, body in [("/api/chat", {"messages": HELLO}), ("/api/generate", {"prompt": "Hi"}),
-                           ("/api/embed", {"input": "hi"}), ("/api/embeddings", {"prompt": "hi"})]:
-            response = post(worker, path, {"model": "broken", **body})
-            assert_ollama_error(response, 503, "could not be loaded" if "embed" not in path else "no embedding model")
-            assert int(response.headers["Retry-After"]) > 0
-    finally:
-        assert worker.stop() == []
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,8 @@ from pathlib import Path
 import pytest
 
 from api.config import Settings, load_settings
-from api.errors import ApiError, Forbidden, InvalidRequest, ModelNotFound, NotFound
-from api.model_download import (
-    DownloadDisabled,
-    DownloadFailed,
-    DownloadTimeout,
-    ModelDownloader,
-    model_file_name,
-    resolve_folder,
-)
+from api.errors import ApiError, DownloadDisabled, DownloadFailed, DownloadTimeout, Forbidden, InvalidRequest, ModelNotFound, NotFound
+from api.model_download import ModelDownloader, model_file_name, resolve_folder
 from testing.loopback import ModelServer, run_together, standard_server
 from testing.servers import free_port
 from testing.tiny_models import build_tiny_chat_model

@@ -1,10 +1,10 @@
 """The OpenAPI document: valid OpenAPI 3.1, covering every route, its request schemas enforced by the
-routes exactly as documented, the /docs page served with no internet, and a contract test that
-checks real responses of a running worker against the document."""
+routes exactly as documented, the /docs page served with no internet, and the contract cases that
+need a running worker (testing/contract.py: streams through waitress, limits of the model file)
+checked against the document; tests/test_wire_shapes.py checks every case in-process."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +20,7 @@ from openapi_spec_validator import validate as validate_openapi
 from api.access import OPEN_PATHS
 from api.openapi import openapi_path
 from testing.apps import make_app
+from testing.contract import CASES, case_ids, check_response, request_schema, resolve, validate_json
 from testing.servers import ServerProcess
 
 KEY = "docs-key"
@@ -42,17 +43,6 @@ def document_of(client: FlaskClient, **headers: str) -> dict[str, Any]:
     response = client.get("/openapi.json", headers=headers)
     assert response.status_code == 200, response.text
     return response.get_json()
-
-
-def resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
-    while "$ref" in schema:
-        schema = document["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
-    return schema
-
-
-def request_schema(document: dict[str, Any], path: str, method: str) -> dict[str, Any] | None:
-    body = document["paths"][path][method].get("requestBody")
-    return resolve(document, body["content"]["application/json"]["schema"]) if body else None
 
 
 # -- the document itself
@@ -275,135 +265,15 @@ def test_the_docs_page_works_with_no_internet(client: FlaskClient) -> None:
 # -- the contract: real responses of a running worker match the document
 
 
-def _case(method: str, path: str, body: object = None, status: int = 200, template: str | None = None,
-          headers: dict[str, str] | None = None) -> dict[str, Any]:
-    return {"method": method, "path": path, "body": body, "status": status, "template": template or path,
-            "headers": headers or {}}
-
-
-HI = [{"role": "user", "content": "Hi"}]
-CASES = [
-    _case("get", "/health"),
-    _case("get", "/ready"),
-    _case("post", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 3}),
-    _case("post", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 3}, headers={"Accept": "application/json"}),
-    _case("post", "/gpt4all_api", {"prompt": 5}, 400),
-    _case("post", "/v1/chat/completions", {"messages": HI, "max_tokens": 3, "n": 2}),
-    _case("post", "/v1/chat/completions/", {"messages": HI, "max_tokens": 3}),
-    _case("post", "/v1/chat/completions", {"messages": HI, "max_tokens": 3, "stream": True,
-                                            "stream_options": {"include_usage": True}}),
-    _case("post", "/v1/chat/completions", {"messages": HI, "model": "gpt-4"}, 404),
-    _case("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]}, 400),
-    _case("post", "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "echo": True}),
-    _case("post", "/v1/completions/", {"prompt": "Hi", "max_tokens": 3, "prompt_template": "Q: %1\nA:"}),
-    _case("post", "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "stream": True}),
-    _case("post", "/v1/completions", {"prompt": "Hi", "prompt_template": "none"}, 400),
-    _case("post", "/v1/embeddings", {"input": ["a", "b"]}),
-    _case("post", "/v1/embeddings/", {"input": "a", "encoding_format": "base64"}),
-    _case("post", "/v1/embeddings", {"input": "a", "model": "ada"}, 404),
-    _case("get", "/v1/models"),
-    _case("get", "/v1/models/tiny-chat", template="/v1/models/{model}"),
-    _case("get", "/v1/models/nope", status=404, template="/v1/models/{model}"),
-    _case("get", "/v1/engines"),
-    _case("get", "/v1/engines/"),
-    _case("get", "/v1/engines/tiny-embed", template="/v1/engines/{engine_id}"),
-    _case("get", "/v1/engines/nope", status=404, template="/v1/engines/{engine_id}"),
-    _case("get", "/v1/health"),
-    _case("get", "/v1/health/"),
-    _case("post", "/v0/language-models/chat-completions", {"messages": HI, "max_tokens": 3}),
-    _case("post", "/v0/language-models/generate", {"prompt": "Hi", "max_tokens": 3}),
-    _case("post", "/v0/language-models/generate", {"prompt": "Hi", "model": "nope"}, 404),
-    _case("post", "/v0/language-models/retrieve", {"model_name": "tiny-chat"}),
-    _case("post", "/v0/language-models/retrieve", {"model_name": "nope"}, 403),
-    _case("post", "/v0/language-models/retrieve", {"model_name": "tiny-chat", "model_path": "/etc"}, 403),
-    _case("post", "/v0/language-models/retrieve", {"model_name": "../x.gguf"}, 400),
-    _case("get", "/v0/models"),
-    _case("post", "/generate", {"prompt": "Hi", "params": {"n_predict": 3}}),
-    _case("post", "/agenerate", {"prompt": "Hi", "params": {"n_predict": 3}}),
-    _case("post", "/agenerate", {"prompt": "Hi", "params": {"temp": -1}}, 400),
-    _case("post", "/embeddings", {"text": "Hi"}),
-    _case("get", "/check"),
-    _case("post", "/v1/responses", {"input": "Hi", "max_output_tokens": 3}),
-    _case("post", "/v1/responses", {"input": [{"role": "user", "content": "Hi"}], "stream": True}),
-    _case("post", "/v1/responses", {"input": "Hi", "max_output_tokens": 3, "stream": True}),
-    _case("post", "/v1/responses", {"input": "Hi", "store": True}, 400),
-    _case("post", "/v1/responses", {"input": "Hi", "model": "gpt-5"}, 404),
-    _case("post", "/v1/messages", {"messages": HI, "max_tokens": 30, "stop_sequences": ["k"]}),
-    _case("post", "/v1/messages", {"messages": HI, "max_tokens": 3, "stream": True}),
-    _case("post", "/v1/messages", {"messages": HI}, 400),
-    _case("post", "/v1/messages", {"messages": HI, "max_tokens": 3, "model": "claude"}, 404),
-    _case("post", "/v1/messages/count_tokens", {"messages": HI, "system": "Be brief."}),
-    _case("post", "/v1/messages/count_tokens", {"messages": [{"role": "user", "content": "x" * 600}]}, 400),
-    _case("get", "/"),
-    _case("get", "/api/version"),
-    _case("get", "/api/tags"),
-    _case("get", "/api/ps"),
-    _case("post", "/api/show", {"model": "tiny-chat", "verbose": True}),
-    _case("post", "/api/show", {"model": "nope"}, 404),
-    _case("post", "/api/chat", {"model": "tiny-chat", "messages": HI, "options": {"num_predict": 3}}),
-    _case("post", "/api/chat", {"model": "tiny-chat", "messages": HI, "stream": False}),
-    _case("post", "/api/chat", {"model": "tiny-chat", "messages": []}),
-    _case("post", "/api/chat", {"model": "tiny-chat", "messages": HI, "format": "json"}, 400),
-    _case("post", "/api/chat", {"model": "nope", "messages": HI}, 404),
-    _case("post", "/api/generate", {"model": "tiny-chat", "prompt": "Hi", "options": {"num_predict": 3}}),
-    _case("post", "/api/generate", {"model": "tiny-chat", "prompt": "Hi", "raw": True, "stream": False}),
-    _case("post", "/api/generate", {"model": "tiny-chat", "prompt": "x" * 600, "raw": True}, 400),
-    _case("post", "/api/embed", {"model": "tiny-embed", "input": ["a", "b"]}),
-    _case("post", "/api/embed", {"model": "tiny-chat", "input": "a"}, 404),
-    _case("post", "/api/embed", {"model": "tiny-embed", "input": ["a", ""]}, 400),
-    _case("post", "/api/embeddings", {"model": "tiny-embed", "prompt": "a"}),
-    _case("get", "/openapi.json"),
-    _case("get", "/docs"),
-    _case("get", "/docs/"),
-    _case("get", "/docs/static/swagger-ui.css", template="/docs/static/{filename}"),
-    _case("get", "/docs/static/nope.js", status=404, template="/docs/static/{filename}"),
-]
-
-
-def validate_json(document: dict[str, Any], schema: dict[str, Any], instance: object, where: str) -> None:
-    errors = list(Draft202012Validator({**schema, "components": document["components"]}).iter_errors(instance))
-    assert not errors, f"{where}: {errors[0].message} at {list(errors[0].absolute_path)}"
-
-
-def check_response(document: dict[str, Any], case: dict[str, Any], response: requests.Response) -> None:
-    where = f"{case['method'].upper()} {case['path']} -> {response.status_code}"
-    responses = document["paths"][case["template"]][case["method"]]["responses"]
-    assert str(response.status_code) in responses, f"{where}: status not documented"
-    content = responses[str(response.status_code)].get("content", {})
-    media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-    media = content.get(media_type) or content.get("*/*")
-    assert media is not None, f"{where}: {media_type} not documented (only {list(content)})"
-    if media_type == "application/json":
-        validate_json(document, media["schema"], response.json(), where)
-    elif media_type == "application/x-ndjson":
-        lines = response.text.splitlines()
-        assert lines, f"{where}: an empty stream"
-        for line in lines:
-            validate_json(document, media["x-event-data"], json.loads(line), where + " (line)")
-    elif media_type == "text/event-stream":
-        separator = "\r\n\r\n" if "\r\n" in response.text else "\n\n"
-        events = [block for block in response.text.split(separator) if block]
-        assert events, f"{where}: an empty stream"
-        for block in events:
-            data = "\n".join(line.removeprefix("data: ") for line in block.splitlines() if line.startswith("data: "))
-            if data == "[DONE]":
-                continue
-            event = json.loads(data) if "x-event-data" in media and media["x-event-data"].get("type") != "string" else data
-            validate_json(document, media["x-event-data"], event, where + " (event)")
-
-
 @pytest.fixture(scope="module")
 def worker_document(tiny_worker: ServerProcess) -> dict[str, Any]:
     return requests.get(tiny_worker.url + "/openapi.json", timeout=10).json()
 
 
-def test_the_contract_cases_cover_every_documented_operation(worker_document: dict[str, Any]) -> None:
-    covered = {(case["template"], case["method"]) for case in CASES if case["status"] < 300}
-    documented = {(path, method) for path, operations in worker_document["paths"].items() for method in operations}
-    assert documented <= covered, f"no successful contract case for {sorted(documented - covered)}"
+REAL_CASES = [case for case in CASES if case["real"]]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{case['method']} {case['path']} {case['status']}" for case in CASES])
+@pytest.mark.parametrize("case", REAL_CASES, ids=case_ids(REAL_CASES))
 def test_real_responses_match_the_document(tiny_worker: ServerProcess, worker_document: dict[str, Any],
                                            case: dict[str, Any]) -> None:
     response = requests.request(case["method"], tiny_worker.url + case["path"], json=case["body"], headers=case["headers"],
@@ -437,68 +307,3 @@ def test_the_open_paths_are_real_routes_and_the_document_marks_exactly_those_ope
     assert open_in_document == set(OPEN_PATHS)
 
 
-# -- what the routes refuse in a well-formed body, the document refuses too (and nothing more)
-#
-# Each probe is a base body that asks for as little work as possible, and values of one field, some
-# that the route takes and some that it refuses with a 400 of its own (tools, images, a raw prompt
-# with a system message, ...). On a real worker, a body is answered without a 400 exactly when the
-# document admits it, and a 400 names the field.
-
-PROBE_BASES: dict[str, dict[str, Any]] = {
-    "/api/chat": {"model": "tiny-chat", "messages": [], "stream": False},  # no messages: the model is only checked
-    "/api/generate": {"model": "tiny-chat", "prompt": "", "stream": False},
-    "/api/embed": {"model": "tiny-embed"},
-    "/v1/messages": {"messages": HI, "max_tokens": 1},
-    "/v1/messages/count_tokens": {"messages": HI},
-    "/v1/responses": {"input": "Hi", "max_output_tokens": 1},
-}
-UNSUPPORTED_PROBES: list[tuple[str, str, list[object]]] = [
-    ("/api/chat", "tools", [[], [{}], [{"type": "function", "function": {"name": "f"}}]]),
-    ("/api/chat", "format", ["", {}, "json", {"type": "object"}]),
-    ("/api/chat", "think", [False, "", True, "high"]),
-    ("/api/chat", "logprobs", [False, True]),
-    ("/api/chat", "top_logprobs", [0, 0.0, 1]),
-    ("/api/chat", "messages", [[{"role": "user", "content": "Hi", "images": [], "tool_calls": []}],
-                               [{"role": "user", "content": "Hi", "images": ["aGk="]}],
-                               [{"role": "assistant", "content": "", "tool_calls": [{}]}]]),
-    ("/api/generate", "images", [[], ["aGk="]]),
-    ("/api/generate", "suffix", ["", "return 1"]),
-    ("/api/generate", "template", ["", "{{ .Prompt }}"]),
-    ("/api/generate", "context", [[], [1, 2]]),
-    ("/api/generate", "system", ["", "Be brief."]),  # with raw: true
-    ("/api/embed", "input", ["", [], ["a"], ["a", ""]]),
-    ("/v1/messages", "tools", [[], [{"name": "f", "input_schema": {}}]]),
-    ("/v1/messages", "mcp_servers", [[], [{"type": "url", "url": "http://127.0.0.1:9", "name": "x"}]]),
-    ("/v1/messages", "tool_choice", [{"type": "auto"}, {"type": "none"}, {}, {"type": "any"}, {"type": "tool", "name": "f"}]),
-    ("/v1/messages", "thinking", [{"type": "disabled"}, {}, {"type": "enabled", "budget_tokens": 1024}]),
-    ("/v1/messages", "output_config", [{}, {"format": None}, {"effort": "low"}, {"format": {"type": "json_schema"}}]),
-    ("/v1/messages/count_tokens", "tools", [[], [{"name": "f", "input_schema": {}}]]),
-    ("/v1/messages/count_tokens", "thinking", [{"type": "disabled"}, {"type": "enabled", "budget_tokens": 1024}]),
-    ("/v1/responses", "store", [False, True]),
-    ("/v1/responses", "previous_response_id", ["", "resp_1"]),
-    ("/v1/responses", "conversation", ["", "conv_1", {}, {"id": "conv_1"}]),
-    ("/v1/responses", "prompt", [{}, {"id": "pmpt_1"}]),
-    ("/v1/responses", "background", [False, True]),
-    ("/v1/responses", "tools", [[], [{"type": "function", "name": "f"}]]),
-    ("/v1/responses", "tool_choice", ["none", "auto", "required", {}, {"type": "function", "name": "f"}]),
-    ("/v1/responses", "text", [{}, {"format": None}, {"format": {}}, {"format": {"type": "text"}}, {"verbosity": "low"},
-                               {"format": {"type": "json_object"}}, {"format": "text"}, {"format": {"name": "x"}}]),
-    ("/v1/responses", "top_logprobs", [0, 1]),
-]
-PROBE_TOGETHER = {("/api/generate", "system"): {"raw": True}}
-
-
-@pytest.mark.parametrize(("path", "field", "values"), UNSUPPORTED_PROBES, ids=[f"{p} {f}" for p, f, _ in UNSUPPORTED_PROBES])
-def test_the_document_refuses_what_the_route_refuses(tiny_worker: ServerProcess, worker_document: dict[str, Any],
-                                                     path: str, field: str, values: list[object]) -> None:
-    schema = request_schema(worker_document, path, "post")
-    validator = Draft202012Validator({**(schema or {}), "components": worker_document["components"]})
-    for value in values:
-        body = {**PROBE_BASES[path], **PROBE_TOGETHER.get((path, field), {}), field: value}
-        response = requests.post(tiny_worker.url + path, json=body, timeout=30)
-        refused = response.status_code == 400
-        assert refused != validator.is_valid(body), (body, response.status_code, response.text[:300])
-        if refused:
-            named = response.json()["error"]
-            named = named if isinstance(named, str) else named["message"]
-            assert named.startswith(f"'{field}"), (body, named)

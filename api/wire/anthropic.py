@@ -36,8 +36,6 @@ from api.wire.validation import parse
 blueprint = Blueprint("anthropic", __name__)
 
 TAGS = ("Anthropic: messages",)
-PATH = shapes.ANTHROPIC_PATH
-ERROR_TYPES = shapes.ANTHROPIC_ERROR_TYPES
 ERRORS = {
     404: "The model is not installed (not_found_error; the message lists the installed ones).",
     503: "The model is loading or busy (overloaded_error); retry after `Retry-After` seconds.",

@@ -9,8 +9,8 @@ import struct
 
 from flask import Blueprint, Response, jsonify
 
-from api.errors import InvalidRequest, ModelNotFound
-from api.model_download import DISABLED_MESSAGE, DownloadDisabled
+from api.errors import DownloadDisabled, InvalidRequest, ModelNotFound
+from api.model_download import DISABLED_MESSAGE
 from api.model_names import InstalledModel, ModelNameError, file_name_for, model_id
 from api.wire import schemas
 from api.wire.common import client_disconnected, downloader, json_body, runtime

@@ -17,9 +17,8 @@ from pathlib import Path
 import waitress
 
 from api.app import create_app
-from api.config import ConfigError, Settings, check_model_files, load_settings
+from api.config import Settings, settings_to_start
 from api.protocol import (
-    EXIT_CONFIG,
     EXIT_STOPPED,
 )
 from api.runtime import Runtime
@@ -89,11 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker_id is not None:
         return run_supervised(args)
-    try:
-        settings = load_settings()
-        check_model_files(settings)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return EXIT_CONFIG
+    settings = settings_to_start()
     configure_logging(settings)
     return serve(settings)
