@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the tests need and run the whole suite, from any directory:
 #   ./test.sh [pytest options]      e.g. ./test.sh -k health -x
-# Same set-up as start.sh plus requirements-test.txt (each reinstalled only when changed), then
+# Same set-up as start.sh plus requirements-test.txt, and .venv-litellm from requirements-litellm.txt
+# (each reinstalled only when changed), then
 # pytest with the defaults from pyproject.toml. The exit code is pytest's.
 set -euo pipefail
 cd -- "$(dirname -- "${BASH_SOURCE[0]}")"
@@ -11,5 +12,6 @@ SETUP_PROG=test.sh
 
 setup_runtime
 setup_requirements test requirements-test.txt
+setup_side_venv litellm requirements-litellm.txt  # .venv-litellm: litellm's own pins (tests/test_litellm_client.py)
 setup_models
 exec "$PY" -m pytest "$@"

@@ -81,6 +81,7 @@ class ChatModel(OneAtATime):
         self.path = path
         self.name = path.name
         header = ChatModelFile.read(path, n_ctx)
+        self.fingerprint = header.fingerprint
         self.context_length = header.context_length
         self.template = header.template
         loading_since = time.time()

@@ -25,6 +25,10 @@ class ApiError(Exception):
     def to_dict(self) -> dict[str, object]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def headers(self) -> dict[str, str]:
+        """The HTTP headers that go with this error in every wire format (and the supervisor's fallback)."""
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
 
 class InvalidRequest(ApiError):
     """Malformed JSON, a wrong type, a missing field, an out-of-range value: 400."""
@@ -41,6 +45,10 @@ class Unauthorized(ApiError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        """RFC 9110: a 401 names the scheme it wants (the key also works as X-Api-Key)."""
+        return {**super().headers(), "WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(ApiError):

@@ -175,6 +175,7 @@ class Generation:
         self.id = uuid.uuid4().hex
         self.created = int(time.time())
         self.model_name = model.name
+        self.model_fingerprint = model.fingerprint
         self.outcome: Outcome | None = None
         self._prompt_tokens: int | None = None
         self._model = model

@@ -14,6 +14,7 @@ GGUF layout (versions 2 and 3, little-endian):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import mmap
 import os
 import struct
@@ -193,6 +194,21 @@ def _string_array_item(cur: _Cursor, items_offset: int, index: int) -> str:
     for _ in range(index):
         cur.skip_string()
     return cur.string()
+
+
+FINGERPRINT_HEAD_BYTES = 1 << 16
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> str:
+    """A short stable id of a model file, OpenAI's `system_fingerprint` ("fp_" and 10 hex digits): a
+    hash of the file's name, its size and its first 64 KiB (the GGUF header's start: version, counts,
+    architecture, quantization). Cheap enough to compute at every model load, unlike a hash of the
+    whole file; a different file of the same name almost always differs in size or header."""
+    file = Path(path)
+    with open(file, "rb") as stream:
+        head = stream.read(FINGERPRINT_HEAD_BYTES)
+    identity = hashlib.sha256(f"{file.name}\0{file.stat().st_size}\0".encode() + head)
+    return "fp_" + identity.hexdigest()[:10]
 
 
 def read_gguf_header(path: str | os.PathLike[str], *, load_arrays: bool | Collection[str] = False) -> GGUFHeader:

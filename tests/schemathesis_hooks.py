@@ -13,14 +13,18 @@ invalid ones as generated, so the server's validation is exercised in full:
   and the window depends on the model file and N_CTX, not on the request's form.
 
 And one check, `positive_data_acceptance_of_what_a_schema_can_state`, which the run uses instead of
-the built-in positive_data_acceptance: the same check, except for two 400s for well-formed requests
+the built-in positive_data_acceptance: the same check, except for three 400s for well-formed requests
 that no JSON Schema can state; any other 400 for schema-valid data still fails the run:
 - a prompt longer than the model's context window. That limit is a count of tokens of the rendered
   prompt. The OpenAI wire format defines it (`code`: context_length_exceeded); Ollama's and
   Anthropic's error shapes have no code, and carry the engine's message for it (api/engine.py);
 - a Messages API conversation (Anthropic) whose last message is not the user's: continuing an
   assistant message (prefill) is not supported, and JSON Schema can constrain an array's first
-  items or all of them, never its last one. Recognised from the request itself.
+  items or all of them, never its last one. Recognised from the request itself;
+- an Ollama route given a model of the other kind: the embedding model on /api/chat or
+  /api/generate (Ollama's own 400, "does not support chat"), a chat model on /api/embed or
+  /api/embeddings. Which kind a name is depends on the installed files; recognised from the request
+  with the names the test serves (FUZZ_CHAT_MODEL, FUZZ_EMBEDDING_MODEL).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ REPLY_TOKENS_CAP = int(os.environ.get("FUZZ_REPLY_TOKENS_CAP", "16"))
 REPLY_LENGTH_FIELDS = frozenset({"max_tokens", "max_completion_tokens", "n_predict"})
 EMBEDDING_ROUTES = frozenset({"/v1/embeddings", "/api/embed"})
 OLLAMA_GENERATION_ROUTES = frozenset({"/api/chat", "/api/generate"})
+OLLAMA_EMBEDDING_ROUTES = frozenset({"/api/embed", "/api/embeddings"})
 ANTHROPIC_MESSAGES_ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 CONTEXT_WINDOW_MESSAGE = "The prompt does not fit in the model's context window"
 
@@ -111,9 +116,21 @@ def _ends_with_an_assistant_message(case: schemathesis.Case) -> bool:
         and isinstance(messages[-1], dict) and messages[-1].get("role") != "user"
 
 
+def _model_id(name: object) -> object:
+    return name.removesuffix(":latest").removesuffix(".gguf") if isinstance(name, str) else name
+
+
+def _names_a_model_of_the_other_kind(case: schemathesis.Case) -> bool:
+    model = _model_id(case.body.get("model")) if isinstance(case.body, dict) else None
+    path = case.path.rstrip("/")
+    return (path in OLLAMA_GENERATION_ROUTES and model == os.environ.get("FUZZ_EMBEDDING_MODEL")) or \
+        (path in OLLAMA_EMBEDDING_ROUTES and model == os.environ.get("FUZZ_CHAT_MODEL"))
+
+
 @schemathesis.check
 def positive_data_acceptance_of_what_a_schema_can_state(ctx: schemathesis.CheckContext, response: schemathesis.Response,
                                                         case: schemathesis.Case) -> bool | None:
-    if response.status_code == 400 and (_is_over_the_context_window(response) or _ends_with_an_assistant_message(case)):
+    if response.status_code == 400 and (_is_over_the_context_window(response) or _ends_with_an_assistant_message(case)
+                                        or _names_a_model_of_the_other_kind(case)):
         return None
     return positive_data_acceptance(ctx, response, case)

@@ -113,6 +113,22 @@ def test_a_pipelining_client_that_closed_stops_the_generation(tiny_worker: Serve
     assert_the_model_is_free_again(tiny_worker)
 
 
+ENDLESS_BATCH = {**ENDLESS, "prompt": ["0"] * 32}  # 32 endless generations, one after the other
+
+
+def test_a_client_that_leaves_a_streamed_batch_stops_it_and_no_later_prompt_starts(tiny_worker: ServerProcess) -> None:
+    received = open_stream_and_hang_up(tiny_worker, ENDLESS_BATCH)
+    assert b"200 OK" in received and b'"index":0' in received
+    assert_the_model_is_free_again(tiny_worker)
+
+
+def test_a_pipelining_client_that_closed_stops_a_batch_before_its_next_prompt(tiny_worker: ServerProcess) -> None:
+    """Each prompt of a batch would notice the closed connection at its first token, only after its
+    prompt was read; the service does not start a generation for a client that has gone."""
+    send_pipelined_and_close(tiny_worker, {**ENDLESS_BATCH, "stream": False})
+    assert_the_model_is_free_again(tiny_worker)
+
+
 @pytest.fixture(scope="module")
 def hasty_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     with running_worker(tiny_model_dir, tmp_path_factory.mktemp("hasty"),

@@ -135,6 +135,38 @@ def test_expect_continue_with_a_body_over_the_limit_is_a_413_not_a_continue(tiny
                         "MAX_REQUEST_BYTES")
 
 
+def _assert_shape_of(path: str, status: int, body: object, kind: str) -> None:
+    """The error body in the shape of the interface `path` belongs to (api/wire/shapes.py)."""
+    assert isinstance(body, dict), body
+    if path.startswith("/v1/messages"):
+        assert body["type"] == "error" and body["error"]["type"] == kind, body
+    elif path.startswith("/api/"):
+        assert set(body) == {"error"} and isinstance(body["error"], str), body
+    else:
+        assert body["error"]["type"] in ("invalid_request_error", "server_error") and "message" in body["error"], body
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+                                  "/api/chat", "/api/embed"])
+def test_a_body_over_the_limit_is_refused_in_the_shape_of_the_route_s_interface(tiny_worker: ServerProcess,
+                                                                                  path: str) -> None:
+    """waitress refuses it before any route runs; its answer still speaks the route's wire format
+    (it was OpenAI's everywhere: an Anthropic or Ollama client got an error object it does not read)."""
+    head = f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {MAX_BODY + 1}\r\n"
+    for request_bytes in (head + "\r\n", head + "Expect: 100-continue\r\n\r\n"):  # refused from the head alone
+        reply = raw_exchange(tiny_worker.port, request_bytes.encode())
+        assert reply.status == 413 and reply.headers["x-worker-pid"] == str(tiny_worker.pid)
+        _assert_shape_of(path, reply.status, json.loads(reply.body), "request_too_large")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/api/chat"])
+def test_a_wrong_method_is_a_405_in_the_route_s_shape_naming_the_allowed_ones(tiny_worker: ServerProcess,
+                                                                               path: str) -> None:
+    response = requests.get(tiny_worker.url + path, timeout=10)
+    assert response.status_code == 405 and "POST" in response.headers["Allow"]
+    _assert_shape_of(path, 405, response.json(), "invalid_request_error")
+
+
 def test_expect_continue_with_a_body_within_the_limit_still_continues(tiny_worker: ServerProcess) -> None:
     body = json.dumps({"prompt": "x", "temperature": 0, "max_tokens": 3}).encode()
     with socket.create_connection(("127.0.0.1", tiny_worker.port), timeout=20) as connection:
@@ -195,6 +227,23 @@ def test_api_key_required_everywhere_but_health(keyed_worker: ServerProcess) -> 
         assert_json_error(response, 401, "API key")
     wrong = requests.get(url + "/v1/models", headers={"Authorization": "Bearer nope"}, timeout=10)
     assert wrong.status_code == 401
+
+
+@pytest.mark.parametrize(("method", "path", "headers"), [
+    ("get", "/v1/models", {}), ("post", "/v1/chat/completions", {"Authorization": "Bearer nope"}),
+    ("post", "/v1/completions", {}), ("post", "/v1/embeddings", {}), ("post", "/v1/responses", {}),
+    ("post", "/v1/messages", {"x-api-key": "nope"}), ("post", "/v1/messages/count_tokens", {}),
+    ("get", "/api/tags", {}), ("post", "/api/chat", {"Authorization": "Bearer nope"}), ("post", "/v0/chat", {}),
+    ("post", "/generate", {}), ("post", "/gpt4all_api", {}), ("get", "/no-such-route", {}),
+])
+def test_every_401_names_the_bearer_scheme(keyed_worker: ServerProcess, method: str, path: str,
+                                           headers: dict[str, str]) -> None:
+    """RFC 9110 asks a 401 to say how to authenticate: every wire format's refusal carries it."""
+    response = requests.request(method, keyed_worker.url + path, json={"prompt": "x"}, headers=headers, timeout=10)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    ok = requests.request(method, keyed_worker.url + path, json={}, headers={"X-Api-Key": KEY}, timeout=10)
+    assert ok.status_code != 401 and "WWW-Authenticate" not in ok.headers
 
 
 def test_api_key_accepted_as_bearer_or_header(keyed_worker: ServerProcess) -> None:

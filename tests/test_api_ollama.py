@@ -46,16 +46,19 @@ def chat(worker: ServerProcess, **body: object) -> requests.Response:
 
 
 @pytest.mark.parametrize(("path", "body", "mentions"), [
-    ("/api/chat", {"model": "tiny-embed", "messages": HELLO}, "'tiny-embed' is an embedding model: use /api/embed"),
-    ("/api/chat", {"model": "tiny-embed", "messages": []}, "'tiny-embed' is an embedding model: use /api/embed"),
-    ("/api/generate", {"model": "tiny-embed:latest", "prompt": "Hi"}, "'tiny-embed:latest' is an embedding model"),
+    ("/api/chat", {"model": "tiny-embed", "messages": HELLO}, '"tiny-embed" does not support chat: it is an embedding model'),
+    ("/api/chat", {"model": "tiny-embed", "messages": []}, '"tiny-embed" does not support chat'),
+    ("/api/generate", {"model": "tiny-embed:latest", "prompt": "Hi"}, '"tiny-embed:latest" does not support generate'),
+    ("/api/generate", {"model": "tiny-embed"}, '"tiny-embed" does not support generate'),
     ("/api/embed", {"model": "tiny-chat", "input": "x"}, "'tiny-chat' is a chat model; embeddings come from tiny-embed:latest"),
     ("/api/embeddings", {"model": "tiny-chat", "prompt": "x"}, "'tiny-chat' is a chat model; embeddings come from"),
 ])
-def test_a_model_of_the_other_kind_is_a_404_that_says_which_to_use(tiny_worker: ServerProcess, path: str, body: dict,
+def test_a_model_of_the_other_kind_is_a_400_that_says_which_to_use(tiny_worker: ServerProcess, path: str, body: dict,
                                                                     mentions: str) -> None:
-    """Like an unknown model, and as on /v1: which kind a name is depends on the files, not on the request."""
-    assert_ollama_error(post(tiny_worker, path, {"stream": False, **body}), 404, mentions)
+    """Ollama answers a model without the completion capability with a 400 in these words
+    (server/routes.go: `"%q does not support chat"`); it checks no capability for embeddings, where
+    gpt4all can only use an embedding model, so a chat model there is the request's fault too."""
+    assert_ollama_error(post(tiny_worker, path, {"stream": False, **body}), 400, mentions)
 
 
 def ndjson(response: requests.Response) -> list[dict[str, Any]]:

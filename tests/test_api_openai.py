@@ -10,9 +10,10 @@ import openai
 import pytest
 import requests
 
+from api.gguf_file import file_fingerprint
 from testing.assertions import assert_json_error
 from testing.servers import ServerProcess
-from testing.tiny_models import TINY_CHAT_REPLY
+from testing.tiny_models import TINY_CHAT, TINY_CHAT_REPLY
 
 USER_HI = [{"role": "user", "content": "Hi"}]
 
@@ -234,8 +235,12 @@ def test_completion_stream_ends_with_finish_and_done(tiny_worker: ServerProcess)
 @pytest.mark.parametrize(("body", "param"), [
     ({}, "prompt"),
     ({"prompt": ""}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": [1, 2, 3]}, "prompt"),
+    ({"prompt": ["a", ""]}, "prompt"),
+    ({"prompt": ["a"] * 33}, "prompt"),
+    ({"prompt": ["a"] * 5, "n": 7}, "prompt"),
+    ({"prompt": ["a"] * 9, "n": 3}, "prompt"),
+    ({"prompt": ["a"] * 17, "n": 2}, "prompt"),
     ({"prompt": "x", "echo": "yes"}, "echo"),
     ({"prompt": "x", "suffix": "y"}, "suffix"),
 ])
@@ -294,3 +299,115 @@ def test_bad_embedding_requests(tiny_worker: ServerProcess, body: dict, param: s
 def test_embedding_with_unknown_model_is_404(tiny_worker: ServerProcess) -> None:
     response = requests.post(tiny_worker.url + "/v1/embeddings", json={"input": "x", "model": "ada"}, timeout=30)
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+
+# -- system_fingerprint
+
+
+def test_system_fingerprint_names_the_loaded_model_file(tiny_worker: ServerProcess, tiny_model_dir) -> None:
+    """Every reply and every chunk of chat and completions carries the loaded file's fingerprint (a
+    string, as OpenAI's document types it), the same in every request to that file."""
+    expected = file_fingerprint(tiny_model_dir / TINY_CHAT)
+    assert expected.startswith("fp_") and len(expected) == 13
+    replies = [chat(tiny_worker, max_tokens=2).json(),
+               requests.post(tiny_worker.url + "/v1/completions", json={"prompt": "w", "max_tokens": 2}, timeout=30).json()]
+    chunks = [json.loads(event) for event in sse_events(chat(tiny_worker, max_tokens=2, stream=True,
+                                                             stream_options={"include_usage": True}))[:-1]]
+    chunks += [json.loads(event) for event in sse_events(requests.post(
+        tiny_worker.url + "/v1/completions", json={"prompt": "w", "stream": True, "stream_options": {"include_usage": True}},
+        timeout=30))[:-1]]
+    assert len(chunks) > 6 and chunks[-1]["choices"] == []  # the usage chunk is among them
+    assert {payload["system_fingerprint"] for payload in replies + chunks} == {expected}
+
+
+def test_system_fingerprint_through_the_official_client(client: openai.OpenAI, tiny_model_dir) -> None:
+    completion = client.chat.completions.create(model="tiny-chat", messages=USER_HI, max_tokens=1)
+    assert completion.system_fingerprint == file_fingerprint(tiny_model_dir / TINY_CHAT)
+
+
+# -- a batch of prompts on /v1/completions
+
+
+def test_a_list_of_prompts_answers_each_n_times_numbered_prompt_by_prompt(tiny_worker: ServerProcess) -> None:
+    response = requests.post(tiny_worker.url + "/v1/completions", timeout=60,
+                             json={"prompt": ["w", "0"], "n": 2, "temperature": 0, "max_tokens": 5, "echo": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [(choice["index"], choice["text"], choice["finish_reason"]) for choice in body["choices"]] == [
+        (0, "wxyz", "stop"), (1, "wxyz", "stop"), (2, "012345", "length"), (3, "012345", "length")]
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3 + 3 + 5 + 5, "total_tokens": 20}
+
+
+@pytest.mark.parametrize(("n", "prompts"), [(1, 32), (2, 16), (4, 8), (8, 4)])
+def test_the_largest_batches_are_accepted(tiny_worker: ServerProcess, n: int, prompts: int) -> None:
+    response = requests.post(tiny_worker.url + "/v1/completions", timeout=120,
+                             json={"prompt": ["w"] * prompts, "n": n, "temperature": 0, "max_tokens": 1})
+    assert response.status_code == 200, response.text
+    assert [choice["index"] for choice in response.json()["choices"]] == list(range(prompts * n))
+
+
+def test_a_streamed_batch_with_the_official_client(client: openai.OpenAI) -> None:
+    """OpenAI's SDK sends the list as it is; the stream interleaves nothing: choice by choice, in order."""
+    stream = client.completions.create(model="tiny-chat", prompt=["w", "0", "Say x"], temperature=0, max_tokens=5,
+                                       stream=True, stream_options={"include_usage": True})
+    texts: dict[int, str] = {}
+    order: list[int] = []
+    usage = None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if not order or order[-1] != choice.index:
+                order.append(choice.index)
+    assert texts == {0: "xyz", 1: "12345", 2: "yz"}
+    assert order == [0, 1, 2]
+    assert usage is not None and usage.completion_tokens == 3 + 5 + 2 and usage.prompt_tokens == 1 + 1 + 5
+
+
+def test_a_batch_too_large_is_a_400_naming_prompt(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="tiny-chat", prompt=["a"] * 9, n=4)
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "prompt"
+    assert caught.value.body["message"].startswith("'prompt': at most 8 prompts with n=4")
+
+
+# -- token ids
+
+
+@pytest.mark.parametrize("ids", [[9906, 1917], [[9906, 1917], [15339]]])
+def test_token_id_embedding_input_is_a_400_that_names_the_client_setting(tiny_worker: ServerProcess, ids: list) -> None:
+    """langchain's OpenAIEmbeddings sends tiktoken ids unless check_embedding_ctx_length=False."""
+    response = requests.post(tiny_worker.url + "/v1/embeddings", json={"input": ids, "model": "tiny-embed"}, timeout=30)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("input", "token_ids_not_supported")
+    assert "check_embedding_ctx_length=False" in error["message"]
+
+
+def test_token_id_prompts_are_a_400_with_their_code(tiny_worker: ServerProcess) -> None:
+    response = requests.post(tiny_worker.url + "/v1/completions", json={"prompt": [[1, 2], [3]]}, timeout=30)
+    assert response.status_code == 400
+    assert (response.json()["error"]["param"], response.json()["error"]["code"]) == ("prompt", "token_ids_not_supported")
+
+
+# -- tool_choice that asks for no tool call
+
+
+@pytest.mark.parametrize("body", [{"tool_choice": "none"}, {"tool_choice": "auto"}, {"tools": [], "tool_choice": "none"},
+                                  {"function_call": "none"}, {"function_call": "auto"}])
+def test_tool_choice_that_asks_for_no_tool_call_is_accepted(tiny_worker: ServerProcess, body: dict) -> None:
+    response = chat(tiny_worker, max_tokens=3, **body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "abc"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tools"),
+    ({"function_call": {"name": "f"}}, "function_call"),
+])
+def test_real_tool_calling_is_still_refused_naming_the_field(client: openai.OpenAI, body: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-chat", messages=USER_HI, **body)
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == param

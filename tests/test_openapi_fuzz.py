@@ -33,8 +33,9 @@ DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, a connec
 # also fails the 400s that no schema can state for a well-formed request: a prompt with more tokens
 # than the model's context window (OpenAI's `context_length_exceeded`, and the same error in Ollama's
 # and Anthropic's shapes), and a Messages API conversation that ends with an assistant message (JSON
-# Schema cannot constrain an array's last item). positive_data_acceptance_of_what_a_schema_can_state
-# (tests/schemathesis_hooks.py) is the same check without those two exceptions.
+# Schema cannot constrain an array's last item), and an Ollama route given a model of the other kind.
+# positive_data_acceptance_of_what_a_schema_can_state (tests/schemathesis_hooks.py) is the same check
+# without those three exceptions.
 EXCLUDED_CHECKS = ("positive_data_acceptance",)
 
 
@@ -69,7 +70,8 @@ def test_schemathesis_finds_no_mismatch_and_no_server_error(fuzz_worker: ServerP
     env = loopback_only_env(SCHEMATHESIS_HOOKS=str(REPO / "tests" / "schemathesis_hooks.py"),
                             FUZZ_REPLY_TOKENS_CAP=str(REPLY_TOKENS_CAP),
                             FUZZ_EMBEDDING_DIMENSIONS=str(TINY_EMBEDDING_DIMENSIONS),
-                            FUZZ_CONTEXT_WINDOW=str(TINY_CONTEXT_WINDOW))
+                            FUZZ_CONTEXT_WINDOW=str(TINY_CONTEXT_WINDOW),
+                            FUZZ_CHAT_MODEL="tiny-chat", FUZZ_EMBEDDING_MODEL="tiny-embed")
     run = subprocess.run(schemathesis_command(fuzz_worker.url), cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
                          capture_output=True, text=True, timeout=600)
     report = run.stdout + run.stderr

@@ -151,8 +151,9 @@ RAW_REQUESTS = {
 }
 
 
-def raw_exchange(port: int, request: bytes, client: str) -> tuple[int, object]:
-    """Send `request` from the loopback address `client`; (status, JSON body of a refusal or None)."""
+def raw_exchange(port: int, request: bytes, client: str) -> tuple[int, object, str | None]:
+    """Send `request` from the loopback address `client`; (status, JSON body of a refusal or None,
+    its WWW-Authenticate header or None)."""
     head, _, body = request.partition(b"\r\n\r\n")
     head = head.removesuffix(b"\r\n") + b"\r\n"
     with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(client, 0)) as connection:
@@ -162,7 +163,10 @@ def raw_exchange(port: int, request: bytes, client: str) -> tuple[int, object]:
             received += chunk
     status_line, _, rest = received.partition(b"\r\n")
     status = int(status_line.split()[1])
-    return status, json.loads(rest.partition(b"\r\n\r\n")[2]) if status in (401, 403, 503) else None
+    head, _, body = rest.partition(b"\r\n\r\n")
+    challenge = next((line.partition(b":")[2].strip().decode() for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"www-authenticate:")), None)
+    return status, json.loads(body) if status in (401, 403, 503) else None, challenge
 
 
 REFUSED_WITHOUT_A_VALID_KEY = {"no key", "an underscore header", "the key twice", "a wrong key with a body",
@@ -184,9 +188,10 @@ def test_fallback_refuses_exactly_whom_a_worker_refuses_with_the_same_answer(
     finally:
         fallback.close()
         assert worker.stop() == []
-    assert {case for case, (status, _) in from_the_worker.items() if status in (401, 403)} == refused
+    assert {case for case, (status, _, _) in from_the_worker.items() if status in (401, 403)} == refused
+    assert all(challenge == ("Bearer" if status == 401 else None) for status, _, challenge in from_the_worker.values())
     for case in RAW_REQUESTS:
-        answered = (200, None) if case in ALIVE else (503, from_the_fallback[case][1])
+        answered = (200, None, None) if case in ALIVE else (503, from_the_fallback[case][1], None)
         expected = from_the_worker[case] if case in refused else answered
         assert from_the_fallback[case] == expected, case
 

@@ -1,6 +1,7 @@
-"""Under the real supervisor, the Responses and Anthropic Messages routes are served like every
-other route that touches the model: a fresh worker for each request (RESTART_AFTER_REQUESTS=1),
-streamed or not, token counting included (it runs the model to count)."""
+"""Under the real supervisor, the Responses and Anthropic Messages routes, and a batch of prompts on
+/v1/completions, are served like every other route that touches the model: a fresh worker for each
+request (RESTART_AFTER_REQUESTS=1), streamed or not, token counting included (it runs the model to
+count); a batch is one request, all its prompts on one worker; embeddings too."""
 
 from __future__ import annotations
 
@@ -51,4 +52,27 @@ def test_each_anthropic_request_meets_a_fresh_worker(start_service: Callable[...
         counted = messages.with_raw_response.count_tokens(model="tiny-chat", messages=HI)  # type: ignore[arg-type]
         assert counted.parse().input_tokens == 3 + len("user\nHi\nassistant\n")
         pids += [message.headers["X-Worker-Pid"], streamed.headers["X-Worker-Pid"], counted.headers["X-Worker-Pid"]]
+    assert_fresh_workers(service, pids)
+
+
+def test_each_completions_batch_and_embedding_request_meets_a_fresh_worker(start_service: Callable[..., Service]) -> None:
+    """A batch's prompts all run on the one worker that took the request."""
+    service = start_service()
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0)
+    completions = client.completions
+    pids = []
+    for _ in range(2):
+        batch = completions.with_raw_response.create(model="tiny-chat", prompt=["w", "0"], n=2, max_tokens=5,
+                                                     temperature=0)
+        assert [choice.text for choice in batch.parse().choices] == ["xyz", "xyz", "12345", "12345"]
+        streamed = completions.with_raw_response.create(model="tiny-chat", prompt=["w", "0"], max_tokens=5,
+                                                        temperature=0, stream=True)
+        texts: dict[int, str] = {}
+        for chunk in streamed.parse():
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + choice.text
+        assert texts == {0: "xyz", 1: "12345"}
+        embedded = client.embeddings.with_raw_response.create(model="tiny-embed", input=["hello world", "goodbye"])
+        assert [len(item.embedding) for item in embedded.parse().data] == [32, 32]
+        pids += [batch.headers["X-Worker-Pid"], streamed.headers["X-Worker-Pid"], embedded.headers["X-Worker-Pid"]]
     assert_fresh_workers(service, pids)

@@ -124,11 +124,11 @@ def socket_closed_by_peer(sock: socket.socket) -> bool:
 
 
 def error_reply(error: ApiError, body: object) -> Response:
-    """An error as a response: its status and Retry-After, with the body in a wire format's own shape."""
+    """An error as a response: its status and headers (Retry-After, WWW-Authenticate), with the body in a
+    wire format's own shape."""
     response = jsonify(body)
     response.status_code = error.status
-    if error.retry_after is not None:
-        response.headers["Retry-After"] = str(error.retry_after)
+    response.headers.update(error.headers())
     return response
 
 
@@ -143,6 +143,16 @@ def sampling_from(body: object, renamed: Mapping[str, str] | None = None, **deri
     values = {field.name: getattr(body, names.get(field.name, field.name)) for field in dataclasses.fields(SamplingParams)
               if hasattr(body, names.get(field.name, field.name))}
     return SamplingParams(**{**values, **derived})
+
+
+def is_token_ids(value: object) -> bool:
+    """Whether a prompt or input field holds token ids (a list of integers, or a list of such lists)
+    as OpenAI's API allows: they are ids of a tokenizer of the client's choosing, which the server
+    cannot know, so the routes refuse them with code token_ids_not_supported."""
+    def ids(item: object) -> bool:
+        return isinstance(item, list) and bool(item) and all(isinstance(i, int) and not isinstance(i, bool) for i in item)
+
+    return ids(value) or (isinstance(value, list) and bool(value) and all(ids(item) for item in value))
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:

@@ -57,11 +57,15 @@ NEVER_EXPIRES = "9999-12-31T23:59:59Z"
 _ZERO_DURATION = re.compile(r"0+(\.0*)?(ns|us|µs|ms|s|m|h)?")
 
 GENERATION_ERRORS = {
-    404: "The model is not installed (the message lists the installed ones), or it is an embedding model.",
+    400: "Malformed JSON, a wrong type or a value out of range; or the model is an embedding model "
+         "(`\"<model>\" does not support chat`, in Ollama's words).",
+    404: "The model is not installed (the message lists the installed ones).",
     503: "The model is loading or busy; retry after `Retry-After` seconds.",
     504: "The generation ran over REQUEST_TIMEOUT or stalled for STALL_TIMEOUT.",
 }
-EMBEDDING_ERRORS = {404: "Not the embedding model (unknown, or a chat model).", 503: "No embedding model is installed, or it is busy."}
+EMBEDDING_ERRORS = {400: "Malformed JSON, a wrong type or a value out of range; or the model is a chat model (gpt4all "
+                         "embeds only with embedding models).",
+                    404: "The model is not installed.", 503: "No embedding model is installed, or it is busy."}
 
 
 # -- errors in Ollama's shape
@@ -96,11 +100,19 @@ def _not_found(requested: str) -> ModelNotFound:
     return ModelNotFound(f"model '{requested}' not found. Available models: {available}", param="model")
 
 
-def _wrong_kind(message: str) -> ModelNotFound:
-    """A model of the other kind (chat or embedding) named on a route: a 404, as on /v1. Ollama
-    answers a 400, but which kind a name is depends on the installed files, which no request schema
-    can state; so, like an unknown model, it is not the request's form that is wrong."""
-    return ModelNotFound(message, param="model")
+def _not_for_generation(requested: str, route: str) -> InvalidRequest:
+    """An embedding model named on /api/chat or /api/generate: a 400 with Ollama's own words
+    (server/routes.go answers `"%q does not support chat"` when the model lacks the completion
+    capability), then which route it is for."""
+    return InvalidRequest(f"{json.dumps(requested)} does not support {route}: it is an embedding model (use /api/embed)",
+                          param="model")
+
+
+def _not_for_embedding(requested: str, embedder: str) -> InvalidRequest:
+    """A chat model named on /api/embed or /api/embeddings: a 400. Ollama itself checks no capability
+    there (llama.cpp pools any model's states into a vector) and answers a failed embedding with a 400
+    on /api/embed; gpt4all embeds only with embedding models, so the request is what cannot be served."""
+    return InvalidRequest(f"'{requested}' is a chat model; embeddings come from {embedder}", param="model")
 
 
 def _installed(requested: str) -> InstalledModel:
@@ -302,7 +314,7 @@ def _start(body: schemas.OllamaGeneration, *, prompt_field: str, messages: list[
             stop=stop_strings(options.stop), is_disconnected=client_disconnected(), prompt_field=prompt_field))
     except ModelNotFound as error:
         if error.code == "not_a_chat_model":
-            raise _wrong_kind(f"'{body.model}' is an embedding model: use /api/embed") from None
+            raise _not_for_generation(body.model, "chat" if prompt_field == "messages" else "generate") from None
         raise _not_found(body.model) from None  # named as the client named it, listed as /api/tags lists them
 
 
@@ -359,11 +371,11 @@ def _reply(body: schemas.OllamaGeneration, generation: Generation, started_ns: i
                     **_stats(generation.outcome, started_ns)})
 
 
-def _load_only(body: schemas.OllamaGeneration, piece: Piece) -> Response:
+def _load_only(body: schemas.OllamaGeneration, piece: Piece, route: str) -> Response:
     """Ollama's answer to a request with nothing to generate: the model is there (or a 404); no model runs."""
     model = _installed(body.model)
     if model.is_embedding:
-        raise _wrong_kind(f"'{body.model}' is an embedding model: use /api/embed")
+        raise _not_for_generation(body.model, route)
     reason = "unload" if _is_zero_duration(body.keep_alive) else "load"
     return jsonify({"model": body.model, "created_at": _timestamp(), **piece(""), "done": True, "done_reason": reason})
 
@@ -388,7 +400,7 @@ def chat() -> Response:
         _refuse(f"messages[{index}].images", message.images, "images (this server runs text models)")
         _refuse(f"messages[{index}].tool_calls", message.tool_calls, "tool calling")
     if not body.messages:
-        return _load_only(body, _chat_piece)
+        return _load_only(body, _chat_piece, "chat")
     messages = [{"role": message.role, "content": message.content} for message in body.messages]
     return _reply(body, _start(body, prompt_field="messages", messages=messages), started_ns, _chat_piece)
 
@@ -410,7 +422,7 @@ def generate() -> Response:
     if body.raw and body.system:
         raise InvalidRequest("'system' cannot be combined with raw: a raw prompt goes to the model as it is", param="system")
     if not body.prompt:
-        return _load_only(body, _generate_piece)
+        return _load_only(body, _generate_piece, "generate")
     if body.raw:
         generation = _start(body, prompt_field="prompt", prompt=body.prompt)
     else:
@@ -431,7 +443,7 @@ def _embedding_model(requested: str):
         found = _find_installed(requested)
         if found is not None and not found.is_embedding:
             embedder = model_id(models.settings.embedding_model_name) + LATEST
-            raise _wrong_kind(f"'{requested}' is a chat model; embeddings come from {embedder}") from None
+            raise _not_for_embedding(requested, embedder) from None
         raise _not_found(requested) from None
 
 

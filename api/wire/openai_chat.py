@@ -20,7 +20,7 @@ from api.generation import Generation, GenerationRequest, Outcome
 from api.model_names import model_id
 from api.sampling import SamplingParams
 from api.wire import schemas
-from api.wire.common import client_disconnected, json_body, runtime, sampling_from, sse_event, sse_response, stop_strings
+from api.wire.common import client_disconnected, is_token_ids, json_body, runtime, sampling_from, sse_event, sse_response, stop_strings
 from api.wire.operation import GENERATION_ERRORS, Reply, documented
 from api.wire.validation import parse
 
@@ -36,7 +36,7 @@ TAGS_CHAT = ("OpenAI: chat and completions",)
 def _reject_unsupported(body: schemas.OpenAISampling) -> None:
     for name, reason in (("tools", "tool calling"), ("functions", "function calling"), ("tool_choice", "tool calling"),
                          ("function_call", "function calling")):
-        if getattr(body, name) not in (None, [], {}):
+        if getattr(body, name) not in schemas.NO_TOOL_USE:
             raise InvalidRequest(f"'{name}': {reason} is not supported by this server", param=name)
     if body.logprobs not in (None, False, 0):
         raise InvalidRequest("'logprobs': log probabilities are not supported by this server", param="logprobs")
@@ -115,23 +115,25 @@ def _usage(outcomes: list[Outcome]) -> dict[str, int]:
 
 
 class _Run:
-    """The n generations of one request, started one after the other on the same model."""
+    """The generations of one request: `n` for each of its requests (a completion's prompts, in
+    order), started one after the other; choice `index` is request `index // n`'s reply number `index % n`."""
 
-    def __init__(self, request: GenerationRequest, n: int) -> None:
-        self.request = request
+    def __init__(self, requests: list[GenerationRequest], n: int) -> None:
+        self.requests = requests
         self.n = n
         self.outcomes: list[Outcome] = []
         # Held here: a stream starts the later generations after the view has returned, outside the
         # app context where runtime() works.
         self.service = runtime().service
-        self.first = self.service.start(request)  # errors before any output surface here
+        self.first = self.service.start(requests[0])  # errors before any output surface here
         self.id = self.first.id
         self.created = self.first.created
         self.model = model_id(self.first.model_name)
+        self.fingerprint = self.first.model_fingerprint
 
     def generations(self) -> Iterator[tuple[int, Generation]]:
-        for index in range(self.n):
-            generation = self.first if index == 0 else self.service.start(self.request)
+        for index in range(len(self.requests) * self.n):
+            generation = self.first if index == 0 else self.service.start(self.requests[index // self.n])
             yield index, generation
             generation.close()
             if generation.outcome is not None:
@@ -153,7 +155,8 @@ def _stream(run: _Run, include_usage: bool, chunk: Callable[[int, str | None, st
                 yield sse_event(chunk(index, None, generation.outcome.finish_reason, False))
             if include_usage:
                 yield sse_event({"id": run.id, "object": chunk(0, None, None, False)["object"], "created": run.created,
-                                 "model": run.model, "choices": [], "usage": _usage(run.outcomes)})
+                                 "model": run.model, "system_fingerprint": run.fingerprint, "choices": [],
+                                 "usage": _usage(run.outcomes)})
             yield "data: [DONE]\n\n"
         except ApiError as error:  # headers are gone: report in-band, as OpenAI does
             yield sse_event(error.to_dict())
@@ -174,7 +177,7 @@ def _chat_chunk(run: _Run, include_usage: bool) -> Callable[[int, str | None, st
             delta = {}
         payload: dict[str, Any] = {
             "id": run.id, "object": "chat.completion.chunk", "created": run.created, "model": run.model,
-            "system_fingerprint": None,
+            "system_fingerprint": run.fingerprint,
             "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
         }
         if include_usage:
@@ -208,7 +211,7 @@ def chat_completions() -> Response:
     body = parse(schemas.ChatCompletionRequest, json_body())
     _reject_unsupported(body)
     include_usage = _include_usage(body)
-    run = _Run(_chat_request(body), body.n)
+    run = _Run([_chat_request(body)], body.n)
     run.id = "chatcmpl-" + run.id
     if body.stream:
         return _stream(run, include_usage, _chat_chunk(run, include_usage))
@@ -219,19 +222,26 @@ def chat_completions() -> Response:
         choices.append({"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
                         "logprobs": None, "finish_reason": generation.outcome.finish_reason})
     return jsonify({"id": run.id, "object": "chat.completion", "created": run.created, "model": run.model,
-                    "choices": choices, "usage": _usage(run.outcomes), "system_fingerprint": None})
+                    "choices": choices, "usage": _usage(run.outcomes), "system_fingerprint": run.fingerprint})
 
 
-def _completion_prompt(body: schemas.CompletionRequest) -> str:
-    """The one prompt (the schema allows a string or a list of exactly one, never empty)."""
-    return body.prompt[0] if isinstance(body.prompt, list) else body.prompt
+def _completion_prompts(body: schemas.CompletionRequest) -> list[str]:
+    """The prompts, each generated `n` times: a string is one; a list (a batch, as langchain's
+    `OpenAI(...).batch()` sends) is bounded so that prompts x n stays within MAX_COMPLETION_CHOICES."""
+    prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+    limit = schemas.max_prompts(body.n)
+    if len(prompts) > limit:
+        raise InvalidRequest(f"'prompt': at most {limit} prompts with n={body.n} (at most "
+                             f"{schemas.MAX_COMPLETION_CHOICES} choices in all, prompts times n)", param="prompt")
+    return prompts
 
 
-def _completion_chunk(run: _Run, include_usage: bool, echo: str) -> Callable[[int, str | None, str | None, bool], dict[str, Any]]:
+def _completion_chunk(run: _Run, include_usage: bool, echoes: list[str]) -> Callable[[int, str | None, str | None, bool], dict[str, Any]]:
     def chunk(index: int, text: str | None, finish_reason: str | None, first: bool) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "id": run.id, "object": "text_completion", "created": run.created, "model": run.model,
-            "choices": [{"index": index, "text": echo if first else (text or ""), "logprobs": None,
+            "system_fingerprint": run.fingerprint,
+            "choices": [{"index": index, "text": echoes[index // run.n] if first else (text or ""), "logprobs": None,
                          "finish_reason": finish_reason}],
         }
         if include_usage:
@@ -254,27 +264,32 @@ def _completion_chunk(run: _Run, include_usage: bool, echo: str) -> Callable[[in
     errors=GENERATION_ERRORS,
 )
 def completions() -> Response:
-    body = parse(schemas.CompletionRequest, json_body())
+    raw = json_body()
+    if is_token_ids(raw.get("prompt")):
+        raise InvalidRequest("'prompt': token ids are not supported, only text (the ids belong to the client's "
+                             "tokenizer, not to this model's)", param="prompt", code="token_ids_not_supported")
+    body = parse(schemas.CompletionRequest, raw)
     _reject_unsupported(body)
     if body.suffix:
         raise InvalidRequest("'suffix': suffix (insertion) is not supported by this server", param="suffix")
     include_usage = _include_usage(body)
-    prompt = _completion_prompt(body)
-    run = _Run(GenerationRequest(
-        sampling=parse_sampling(body),
+    prompts = _completion_prompts(body)
+    sampling, stop = parse_sampling(body), stop_strings(body.stop)
+    run = _Run([GenerationRequest(
+        sampling=sampling,
         model=body.model,
         prompt=apply_prompt_template(body.prompt_template, prompt) if body.prompt_template is not None else prompt,
-        stop=stop_strings(body.stop),
+        stop=stop,
         is_disconnected=client_disconnected(),
-    ), body.n)
+    ) for prompt in prompts], body.n)
     run.id = "cmpl-" + run.id
-    prefix = prompt if body.echo else ""
+    echoes = prompts if body.echo else [""] * len(prompts)
     if body.stream:
-        return _stream(run, include_usage, _completion_chunk(run, include_usage, prefix))
+        return _stream(run, include_usage, _completion_chunk(run, include_usage, echoes))
     choices = []
     for index, generation in run.generations():
-        text = prefix + generation.text()
+        text = echoes[index // run.n] + generation.text()
         assert generation.outcome is not None
         choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": generation.outcome.finish_reason})
     return jsonify({"id": run.id, "object": "text_completion", "created": run.created, "model": run.model,
-                    "choices": choices, "usage": _usage(run.outcomes), "system_fingerprint": None})
+                    "choices": choices, "usage": _usage(run.outcomes), "system_fingerprint": run.fingerprint})

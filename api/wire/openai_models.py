@@ -13,7 +13,7 @@ from api.errors import DownloadDisabled, InvalidRequest, ModelNotFound
 from api.model_download import DISABLED_MESSAGE
 from api.model_names import InstalledModel, ModelNameError, file_name_for, model_id
 from api.wire import schemas
-from api.wire.common import client_disconnected, downloader, json_body, runtime
+from api.wire.common import client_disconnected, downloader, is_token_ids, json_body, runtime
 from api.wire.operation import Reply, documented
 from api.wire.validation import parse
 
@@ -138,7 +138,13 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
             responses={200: Reply("One vector per input text.", schemas.EmbeddingList)},
             errors={404: "Not the embedding model.", 503: "No embedding model is installed, or it is busy."})
 def embeddings() -> Response:
-    body = parse(schemas.EmbeddingRequest, json_body())
+    raw = json_body()
+    if is_token_ids(raw.get("input")):
+        raise InvalidRequest(
+            "'input': token ids are not supported, only text (the ids belong to the client's tokenizer, such as "
+            "tiktoken's cl100k_base, not to this model's). langchain's OpenAIEmbeddings sends them by default: create "
+            "it with check_embedding_ctx_length=False to send the texts", param="input", code="token_ids_not_supported")
+    body = parse(schemas.EmbeddingRequest, raw)
     texts = _embedding_inputs(body)
     state = runtime()
     model = state.models.embedding_model(body.model)

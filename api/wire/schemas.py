@@ -20,6 +20,17 @@ from api.sampling import BOUNDS
 from api.wire.validation import NOT_NULL, WHITESPACE, NonBlank, WireModel, declares, expect
 
 MAX_CHOICES = 8
+MAX_COMPLETION_CHOICES = 32
+"""The most choices one /v1/completions request may ask for: its prompts times `n`."""
+FEWER_PROMPTS_FROM_N = ((2, 16), (3, 8), (5, 4))
+"""From each `n` up, at most that many prompts: 32 with n=1, 16 with n=2, 8 with n up to 4, 4 with n
+up to 8, so that prompts x n stays within MAX_COMPLETION_CHOICES. Steps rather than 32 // n: the
+document states each step as a rule, and the fuzzer's schema engine models no more than a few."""
+
+
+def max_prompts(n: int) -> int:
+    """The most prompts one /v1/completions request with this `n` may send."""
+    return min([MAX_COMPLETION_CHOICES, *(prompts for from_n, prompts in FEWER_PROMPTS_FROM_N if n >= from_n)])
 MAX_STOPS = 16
 MAX_EMBEDDING_INPUTS = 2048
 
@@ -51,6 +62,12 @@ NonEmptyText = Annotated[str, Field(min_length=1)]
 
 NOTHING: dict[str, Any] = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "object", "maxProperties": 0}]}
 """The schema of a field accepted only when it asks for nothing: [] or {} (or null)."""
+NO_TOOL_USE: tuple[object, ...] = (None, [], {}, "none", "auto")
+"""The values of tools, functions, tool_choice and function_call that ask for no tool call: with no
+tools given, "auto" can only mean none (as OpenAI reads it)."""
+NO_TOOL_CHOICE: dict[str, Any] = {"anyOf": [*NOTHING["anyOf"], {"enum": ["none", "auto"]}]}
+Fingerprint = Annotated[str, Field(pattern=r"^fp_[0-9a-f]{10}$", description=(
+    "Identifies the loaded model file (from its name, size and header): it changes when the file does."))]
 
 
 def _given(*names: str, **schemas: dict[str, Any]) -> dict[str, Any]:
@@ -182,9 +199,11 @@ class OpenAISampling(WireModel):
         anyOf=[{"maxProperties": 0}, {"required": ["type"], "properties": {"type": {"const": "text"}}}])] | None = Field(
         None, description='Only {"type": "text"}.')
     tools: Annotated[list[Any], declares(maxItems=0)] | None = Field(None, description="Not supported: refused unless empty.")
-    tool_choice: Annotated[Any, declares(**NOTHING)] = Field(None, description="Not supported: refused unless empty.")
+    tool_choice: Annotated[Any, declares(**NO_TOOL_CHOICE)] = Field(
+        None, description='Only "none" or "auto" (with no tools, both mean no tool call), or empty.')
     functions: Annotated[list[Any], declares(maxItems=0)] | None = Field(None, description="Not supported: refused unless empty.")
-    function_call: Annotated[Any, declares(**NOTHING)] = Field(None, description="Not supported: refused unless empty.")
+    function_call: Annotated[Any, declares(**NO_TOOL_CHOICE)] = Field(
+        None, description='Only "none" or "auto" (with no functions, both mean no call), or empty.')
 
     document_rules: ClassVar[dict[str, Any]] = {"allOf": [
         {"not": _given("repeat_penalty", "repeat_penality")},
@@ -214,10 +233,12 @@ class ChatCompletionRequest(OpenAISampling):
 
 
 class CompletionRequest(OpenAISampling):
-    prompt: Annotated[NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=1)],
-                      expect("a non-empty string or a list of one non-empty string (batches and token arrays are not "
-                             "supported)")] = Field(
-        description="The text to continue: a string, or a list holding one string.")
+    prompt: Annotated[NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_COMPLETION_CHOICES)],
+                      expect(f"a non-empty string or a list of 1 to {MAX_COMPLETION_CHOICES} non-empty strings (token "
+                             "arrays are not supported)")] = Field(
+        description=f"The text to continue, or a list of texts (a batch): each is generated `n` times, and the choices "
+                    f"are numbered prompt by prompt (prompt i's j-th reply is choice i*n+j). At most "
+                    f"{MAX_COMPLETION_CHOICES} prompts with n=1, 16 with n=2, 8 with n up to 4, 4 with n up to 8.")
     echo: bool = Field(False, description="Put the prompt in front of the reply.")
     suffix: Annotated[str, declares(maxLength=0)] | None = Field(None, description="Not supported (insertion): empty or null.")
     prompt_template: Annotated[str, declares(pattern=PROMPT_TEMPLATE_PATTERN)] | None = Field(
@@ -226,6 +247,13 @@ class CompletionRequest(OpenAISampling):
     prompt_batch_size: int | None = Field(None, ge=1, description="Accepted; prompts are always processed in batches of 128 tokens.")
     reload: bool = Field(False, description="Accepted: every request already gets a fresh context.")
     thread_count: int | None = Field(None, ge=0, description="Accepted and ignored (threads are set by N_THREADS).")
+
+    document_rules: ClassVar[dict[str, Any]] = {"allOf": [
+        *OpenAISampling.document_rules["allOf"],
+        # no more prompts than max_prompts(n)
+        *({"not": _given("n", "prompt", n={"minimum": from_n}, prompt={"type": "array", "minItems": prompts + 1})}
+          for from_n, prompts in FEWER_PROMPTS_FROM_N),
+    ]}
 
 
 class ChatReplyMessage(ResponseModel):
@@ -248,7 +276,7 @@ class ChatCompletion(ResponseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: None
+    system_fingerprint: Fingerprint
 
 
 class ChunkDelta(ResponseModel):
@@ -270,7 +298,7 @@ class ChatCompletionChunk(ResponseModel):
     object: Literal["chat.completion.chunk"]
     created: int
     model: str
-    system_fingerprint: None = None
+    system_fingerprint: Fingerprint
     choices: list[ChatChunkChoice]
     usage: Usage | None = Field(None, description="null in every chunk but the last when stream_options.include_usage.")
 
@@ -289,7 +317,7 @@ class Completion(ResponseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    system_fingerprint: None = None
+    system_fingerprint: Fingerprint
 
 
 class ModelObject(ResponseModel):

@@ -19,7 +19,7 @@ from api.errors import ApiError, ModelNotFound
 from api.generation import GenerationRequest
 from api.model_download import model_file_name, resolve_folder
 from api.wire import schemas
-from api.wire.common import client_disconnected, downloader, json_body, runtime, sampling_from
+from api.wire.common import client_disconnected, downloader, error_reply, json_body, runtime, sampling_from
 from api.wire.operation import GENERATION_ERRORS, Reply, documented
 from api.wire.validation import parse
 
@@ -88,11 +88,7 @@ def retrieve() -> Response:
     try:
         message = _retrieve(parse(schemas.V0RetrieveRequest, json_body()))
     except ApiError as error:
-        response = jsonify({"success": False, "message": error.message, **error.to_dict()})
-        response.status_code = error.status
-        if error.retry_after is not None:
-            response.headers["Retry-After"] = str(error.retry_after)
-        return response
+        return error_reply(error, {"success": False, "message": error.message, **error.to_dict()})
     return jsonify({"success": True, "message": message})
 
 

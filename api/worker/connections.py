@@ -31,6 +31,7 @@ from api.errors import (
     RequestHeadersTooLarge,
     UnsupportedTransferEncoding,
 )
+from api.wire.shapes import error_body
 from api.worker.lifecycle import WorkerLifecycle
 
 log = logging.getLogger("api.worker")  # one logger name for the whole worker, as its log lines show
@@ -75,14 +76,22 @@ def waitress_refusal(error: WaitressError, adj: Adjustments) -> ApiError:
     return EngineFailure("internal error; see the server log")  # waitress's text may hold a traceback
 
 
+def _client_path(request: Any, refused: WaitressError) -> str:
+    """The path the client asked for, or "" (OpenAI's error shape) when waitress never read it: an
+    unreadable request line leaves none, and headers over the limit get a stand-in `GET /` of waitress's."""
+    path = getattr(request, "path", None)
+    return path if isinstance(path, str) and refused.code != 431 else ""
+
+
 class JsonErrorTask(ErrorTask):
-    """waitress's own error answers in the API's JSON error shape, tagged with the worker like every
+    """waitress's own error answers in the JSON error shape of the interface the request's path belongs
+    to (api/wire/shapes.py: Anthropic's, Ollama's or OpenAI's), tagged with the worker like every
     other answer (waitress writes plain text). The connection still closes after it."""
 
     def execute(self) -> None:
         refused: WaitressError = self.request.error
         error = waitress_refusal(refused, self.channel.server.adj)
-        body = json.dumps(error.to_dict()).encode()
+        body = json.dumps(error_body(_client_path(self.request, refused), error)).encode()
         self.status = f"{error.status} {refused.reason}"
         self.response_headers.extend([("Content-Type", "application/json"), (WORKER_HEADER, str(os.getpid()))])
         self.set_close_on_finish()
