@@ -20,6 +20,7 @@ from api.errors import Forbidden, Unauthorized
 log = logging.getLogger("api.access")
 
 # Routes a supervisor or load balancer probes (the health checks of each interface): no API key needed.
+METRICS_PATH = "/metrics"
 OPEN_PATHS = frozenset({"/health", "/ready", "/v1/health", "/v1/health/", "/check", "/", "/api/version"})
 DEEP_CHECK_PATH = "/health"  # with ?deep=1 it runs a generation: that needs the key like any other
 DOCS_PATH = "/docs"
@@ -59,23 +60,26 @@ def is_deep_check(path: str, query: str) -> bool:
     return path == DEEP_CHECK_PATH and any(value.lower() not in ("0", "false", "no") for value in values)
 
 
-def is_open(path: str, *, docs_public: bool) -> bool:
+def is_open(path: str, *, docs_public: bool, metrics_public: bool = False) -> bool:
     """Whether a path needs no API key: the one declaration, read by the workers, the supervisor's
     fallback and the OpenAPI document alike."""
-    return path in OPEN_PATHS or (docs_public and is_docs_path(path))
+    return path in OPEN_PATHS or (docs_public and is_docs_path(path)) or (metrics_public and path == METRICS_PATH)
 
 
 class AccessPolicy:
-    def __init__(self, api_key: str, authorized: Iterable[str], *, docs_public: bool = False) -> None:
+    def __init__(self, api_key: str, authorized: Iterable[str], *, docs_public: bool = False,
+                 metrics_public: bool = False) -> None:
         entries = tuple(authorized)
         self._key = api_key.encode()
         self._networks = parse_networks(entries)
         self._restricted = bool(entries)
         self._docs_public = docs_public
+        self._metrics_public = metrics_public
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AccessPolicy:
-        return cls(settings.api_key, settings.authorized_urls, docs_public=settings.docs_public)
+        return cls(settings.api_key, settings.authorized_urls, docs_public=settings.docs_public,
+                   metrics_public=settings.metrics_public)
 
     def check(self, remote_addr: str | None, path: str, authorization: str | None, api_key_header: str | None,
               query: str = "") -> None:
@@ -85,7 +89,7 @@ class AccessPolicy:
             self.check_key(authorization, api_key_header)
 
     def needs_key(self, path: str, query: str = "") -> bool:
-        return not is_open(path, docs_public=self._docs_public) or is_deep_check(path, query)
+        return not is_open(path, docs_public=self._docs_public, metrics_public=self._metrics_public) or is_deep_check(path, query)
 
     def check_client(self, remote_addr: str | None) -> None:
         if not self._restricted:

@@ -12,14 +12,17 @@ from __future__ import annotations
 import logging
 import os
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
 from api.access import AccessPolicy
 from api.config import Settings
 from api.errors import ApiError, EngineFailure, MethodNotAllowed, NotFound, PayloadTooLarge
+from api.metrics import meters
 from api.model_download import ModelDownloader
+from api.request_log import REQUEST_ID_HEADER, RequestRecord, log_access, request_id
+from api.request_log import current as current_request
 from api.runtime import Runtime
 from api.wire.common import error_reply
 
@@ -46,6 +49,12 @@ def http_api_error(error: HTTPException) -> ApiError:
     return generic
 
 
+def finish_request(record: RequestRecord) -> None:
+    """Once the last byte is sent (a stream's too): the duration and the access-log line."""
+    meters().request_seconds.labels(record.wire_format).observe(record.elapsed())
+    log_access(record)
+
+
 def create_app(settings: Settings, runtime: Runtime) -> Flask:
     from api.openapi import create_blueprint as docs_blueprint
     from api.wire import anthropic, health, llm_api, ollama, openai_chat, openai_models, original, responses, v0
@@ -64,6 +73,15 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
         return render(error)
 
     @app.before_request
+    def open_record() -> None:
+        """The request's id and record (api/request_log.py), before anything can refuse it."""
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        record = RequestRecord(request_id(request.headers.get(REQUEST_ID_HEADER)), request.method, rule,
+                               request.blueprint or "none")
+        current_request.set(record)
+        g.record = record
+
+    @app.before_request
     def check_access() -> None:
         policy.check(request.remote_addr, request.path, request.headers.get("Authorization"),
                      request.headers.get("X-Api-Key"), request.query_string.decode("latin-1"))
@@ -71,6 +89,18 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
     @app.after_request
     def tag_worker(response: Response) -> Response:
         response.headers[WORKER_HEADER] = str(os.getpid())
+        return response
+
+    @app.after_request
+    def account(response: Response) -> Response:
+        """Every answer of every route and wire format is counted, logged and tagged here, once."""
+        record: RequestRecord | None = g.get("record")
+        if record is None:  # a failure before open_record ran
+            return response
+        record.status = response.status_code
+        response.headers[REQUEST_ID_HEADER] = record.id
+        meters().requests.labels(record.route, str(record.status), record.wire_format).inc()
+        response.call_on_close(lambda: finish_request(record))
         return response
 
     @app.errorhandler(ApiError)

@@ -135,14 +135,16 @@ def _device(raw: str) -> str:
     raise ValueError("one of cpu, gpu, kompute, cuda, amd, nvidia, metal, cuda:<name>, kompute:<name>")
 
 
-_WORKER_START_METHODS = ("auto", "forkserver", "spawn")
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError("one of " + ", ".join(choices))
+        return value
+    return parse
 
 
-def _worker_start_method(raw: str) -> str:
-    method = raw.strip().lower()
-    if method not in _WORKER_START_METHODS:
-        raise ValueError("one of " + ", ".join(_WORKER_START_METHODS))
-    return method
+_worker_start_method = _choice("auto", "forkserver", "spawn")
 
 
 def _address_list(raw: str) -> tuple[str, ...]:
@@ -232,6 +234,11 @@ FIELDS: tuple[Field, ...] = (
     # -- documentation
     Field("DOCS_PUBLIC", "false", _boolean,
           "Serve /docs and /openapi.json without the API key even when API_KEY is set (they need it by default)."),
+    # -- operations
+    Field("METRICS_PUBLIC", "false", _boolean,
+          "Serve the Prometheus metrics (GET /metrics) without the API key even when API_KEY is set."),
+    Field("LOG_FORMAT", "text", _choice("text", "json"),
+          "Log lines as text, or as one JSON object per line (time, level, worker, pid, request id, route, ...)."),
 )
 
 
@@ -280,6 +287,8 @@ class Settings:
     model_catalog_url: str
     download_timeout: float
     docs_public: bool
+    metrics_public: bool
+    log_format: str
 
     @property
     def chat_model_file(self) -> Path:

@@ -26,6 +26,8 @@ from typing import Literal, Protocol
 from api.errors import ApiError, ContextLengthExceeded, EngineFailure, GenerationTimeout, InvalidRequest, ServiceUnavailable
 from api.inference import ChatEngine, EmbeddingCancelled, EmbeddingEngine, EngineError, EngineRun, PromptTooLong
 from api.inference_slots import InferenceSlots, Place, Release
+from api.metrics import meters
+from api.request_log import current_record
 from api.sampling import SamplingParams, out_of_bounds
 
 log = logging.getLogger("api.generation")
@@ -187,6 +189,8 @@ class Generation:
         self._stop_filter = StopFilter(request.stop)
         self._pieces: Iterator[str] | None = None
         self._primed: list[str] = []
+        self._record = current_record()
+        self._arrived: float | None = self._record.started if self._record else time.perf_counter()
 
     # -- lifecycle
 
@@ -267,6 +271,7 @@ class Generation:
                     continue  # tokens already in flight when the stop string matched
                 piece = self._stop_filter.feed(str(value))
                 if piece:
+                    self._note_first_token()
                     yield piece
                 if self._stop_filter.stopped:
                     self._cancel.set()
@@ -280,7 +285,16 @@ class Generation:
                     if rest:
                         yield rest
                 self.outcome = self._outcome(value)
+                note_tokens(self.model_name, self.outcome.prompt_tokens, self.outcome.completion_tokens)
                 return
+
+    def _note_first_token(self) -> None:
+        if self._arrived is None:
+            return
+        seconds, self._arrived = time.perf_counter() - self._arrived, None
+        meters().first_token_seconds.observe(seconds)
+        if self._record is not None:
+            self._record.first_token_seconds = seconds
 
     def _next_event(self) -> tuple[str, object]:
         """The next event from the model's thread, enforcing the time limits meanwhile."""
@@ -410,9 +424,11 @@ class GenerationService:
             raise InvalidRequest(f"'{field}' must not contain empty strings", param=field)
         place = self.slots.admit()
         try:
-            return Embedding(model, texts, self.limits, self.observer, place, is_disconnected).run()
+            vectors, tokens = Embedding(model, texts, self.limits, self.observer, place, is_disconnected).run()
         finally:
             place.cancel()
+        note_tokens(model.name, tokens, 0)
+        return vectors, tokens
 
     def count_tokens(self, request: GenerationRequest) -> int:
         """How many tokens the request's prompt is for its model: the `prompt_tokens` a generation
@@ -460,11 +476,31 @@ class GenerationService:
         return generation
 
 
+def note_tokens(model: str, prompt: int, completion: int) -> None:
+    """Tokens for /metrics and for the request's access-log line."""
+    meters().prompt_tokens.labels(model).inc(prompt)
+    if completion:
+        meters().generated_tokens.labels(model).inc(completion)
+    record = current_record()
+    if record is not None:
+        record.prompt_tokens += prompt
+        record.completion_tokens += completion
+
+
+def note_queue_wait(seconds: float) -> None:
+    meters().queue_seconds.observe(seconds)
+    record = current_record()
+    if record is not None:
+        record.queue_seconds = (record.queue_seconds or 0.0) + seconds
+
+
 def take_slot_then_model(place: Place, model: ChatEngine | EmbeddingEngine, request: GenerationRequest,
                          limits: Limits) -> Release:
     """Wait in line for the inference slot (the request's deadline, else QUEUE_TIMEOUT), then
     reserve the model; the returned function gives the slot back (the caller releases the model)."""
+    waited_from = time.perf_counter()
     release_slot = place.wait(request.is_disconnected, timeout=request.deadline)
+    note_queue_wait(time.perf_counter() - waited_from)
     if not model.acquire(timeout=limits.request_timeout):
         release_slot()
         raise ServiceUnavailable("the model is busy with another request; try again", retry_after=2)

@@ -15,12 +15,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bench import concurrency, growth, measure, memory, overhead, queueing, recovery, restart
+from bench import concurrency, growth, measure, memory, metrics, overhead, queueing, recovery, restart
 from bench.daemon import Launcher, threads_chosen_by_daemon
 from testing.servers import REPO
 
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-SCENARIOS = ("overhead", "growth", "restart", "concurrency", "recovery", "memory", "queue")
+SCENARIOS = ("overhead", "growth", "restart", "concurrency", "recovery", "memory", "queue", "metrics")
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,9 @@ def run_scenarios(args: argparse.Namespace, launcher: Launcher, effort: Effort) 
         results["memory"] = memory.run(launcher.start, args.model)
     if "queue" in chosen:
         results["queue"] = queueing.run(launcher.start, queueing.REFUSALS if effort.runs > 2 else 5, effort.runs)
+    if "metrics" in chosen:
+        results["metrics"] = metrics.run(calls=20000 if effort.runs > 2 else 1000,
+                                         dead=metrics.DEAD if effort.runs > 2 else 100)
     return results
 
 

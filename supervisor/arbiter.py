@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from api.config import ConfigError, Settings
-from api.protocol import CLEAN_EXITS, Command, Sentinel, WorkerState, describe_exit, describe_failure_for_clients
+from api.protocol import CLEAN_EXITS, EXIT_MODEL_LOAD_FAILED, Command, Sentinel, WorkerState, describe_exit, describe_failure_for_clients
 from supervisor.policy import Backoff, restart_after_with_jitter
 
 log = logging.getLogger("supervisor")
@@ -111,6 +111,27 @@ class NoLine:
         return 1
 
 
+class Meters(Protocol):
+    """Where the pool's metrics go (api/metrics.py's SupervisorMeters)."""
+
+    def worker_started(self, seconds: float) -> None: ...
+
+    def worker_exited(self, pid: int, reason: str) -> None: ...
+
+    def pool(self, states: dict[str, int], generating: int, waiting: int, largest_uss: int | None) -> None: ...
+
+
+class NoMeters:
+    def worker_started(self, seconds: float) -> None:
+        pass
+
+    def worker_exited(self, pid: int, reason: str) -> None:
+        pass
+
+    def pool(self, states: dict[str, int], generating: int, waiting: int, largest_uss: int | None) -> None:
+        pass
+
+
 class Gate(Protocol):
     """What a worker passes before it first accepts (see api/accept_gate.py): closed, it keeps
     every worker that is not accepting yet from starting to."""
@@ -186,6 +207,8 @@ class WorkerHandle:
     stop_requested: bool = False
     memory_checked_served: int = 0
     next_memory_check_at: float = 0.0
+    retire_cause: str = ""  # why we drained it, for the exit metric: "bloated" or "reload"
+    uss: int | None = None  # its own memory, last measured
 
     @property
     def pid(self) -> int:
@@ -264,6 +287,7 @@ class Arbiter:
     timing: Timing = field(default_factory=Timing)
     line: Line = field(default_factory=NoLine)
     loop_problem: Callable[[], str] = lambda: ""  # what is wrong with the loop's own threads, '' if nothing
+    meters: Meters = field(default_factory=NoMeters)
 
     def __post_init__(self) -> None:
         self.workers: dict[int, WorkerHandle] = {}
@@ -284,6 +308,7 @@ class Arbiter:
         self.overloaded_since: float | None = None  # since when the fallback refuses newcomers (MAX_QUEUE)
         self.none_up_since: float | None = None  # since when no worker is up (for the watchdog)
         self.watchdog_withheld = ""  # why WATCHDOG=1 is not being sent, '' while it is
+        self.next_memory_sample_at = 0.0
 
     # -- the loop
 
@@ -299,6 +324,7 @@ class Arbiter:
         self.manage_workers()
         self.update_fallback()
         self.notify_service_manager()
+        self.publish_metrics()
         return not (self.stopping and not self.workers)
 
     @property
@@ -387,6 +413,7 @@ class Arbiter:
                 continue
             handle.sentinel = handle.child.read_sentinel() or handle.sentinel  # its last words
             self.account_exit(handle, code, now)
+            self.meters.worker_exited(handle.pid, self.exit_reason(handle, code))
             handle.transition(Phase.EXITED, now)
             handle.child.close()
             del self.workers[handle.worker_id]
@@ -408,6 +435,18 @@ class Arbiter:
             detail = f": {handle.sentinel.reason}" if handle.sentinel and handle.sentinel.reason else ""
             self.record_failure(handle, f"{handle.name} {how} {handle.doing()}{detail}", now,
                                 for_clients=describe_failure_for_clients(code, handle.doing()))
+
+    def exit_reason(self, handle: WorkerHandle, code: int) -> str:
+        """How a worker ended, in one word of api/metrics.py's EXIT_REASONS."""
+        if handle.hang_cause:
+            return "hung"
+        if code == EXIT_MODEL_LOAD_FAILED:
+            return "load_failed"
+        if handle.stop_requested or self.stopping:
+            return "stopped"
+        if code in CLEAN_EXITS:
+            return handle.retire_cause or "served"
+        return "crashed"
 
     def record_failure(self, handle: WorkerHandle, story: str, now: float, *, for_clients: str = "a worker failed") -> None:
         """`story` goes to the log; `for_clients`, the same without pid, exit code or path, to the 503."""
@@ -453,6 +492,7 @@ class Arbiter:
             return
         if was_loading:
             self.last_boot_seconds = now - handle.spawned_at
+            self.meters.worker_started(self.last_boot_seconds)
         if phase is Phase.READY and not self.ready_notified:
             log.info("%s is ready after %.2f s: serving on http://%s:%d", handle.name, now - handle.spawned_at,
                      self.settings.listen_ip, self.settings.listen_port)
@@ -546,7 +586,8 @@ class Arbiter:
         handle.transition(Phase.KILLED, now)
         handle.child.kill()
 
-    def drain(self, handle: WorkerHandle, reason: str, now: float) -> None:
+    def drain(self, handle: WorkerHandle, reason: str, now: float, cause: str = "reload") -> None:
+        handle.retire_cause = cause
         handle.child.send(f"{Command.DRAIN.value} {reason}")
         handle.transition(Phase.DRAINING, now)
 
@@ -563,11 +604,12 @@ class Arbiter:
                 continue
             handle.memory_checked_served = handle.served
             handle.next_memory_check_at = now + self.settings.health_interval
-            uss = handle.child.memory_uss()
+            uss = handle.uss = handle.child.memory_uss()
             if uss is not None and uss > limit_mb * MB:
                 log.warning("%s uses %.1f MB of its own memory (USS), above MAX_WORKER_MEMORY_MB (%d): it will be "
                             "replaced after its current request.", handle.name, uss / MB, limit_mb)
-                self.drain(handle, f"its memory (USS {uss / MB:.1f} MB) is above MAX_WORKER_MEMORY_MB ({limit_mb})", now)
+                self.drain(handle, f"its memory (USS {uss / MB:.1f} MB) is above MAX_WORKER_MEMORY_MB ({limit_mb})", now,
+                           cause="bloated")
 
     def retire_stale_workers(self) -> None:
         """After a reload, drain one old worker for each new one that is up, so capacity never drops.
@@ -803,3 +845,18 @@ class Arbiter:
         if down > self.down_limit():
             return f"no worker has been up for {down:.1f} s ({self.failure_for_clients or 'workers keep failing'})"
         return ""
+
+    # -- metrics
+
+    def publish_metrics(self) -> None:
+        """Workers by phase, generations running, clients in line and the largest worker's USS
+        (measured every HEALTH_INTERVAL) for /metrics."""
+        now = self.clock()
+        if now >= self.next_memory_sample_at:
+            self.next_memory_sample_at = now + self.settings.health_interval
+            for handle in self.in_phase(Phase.READY, Phase.BUSY, Phase.DRAINING):
+                handle.uss = handle.child.memory_uss()
+        states = collections.Counter(handle.phase.value for handle in self.workers.values())
+        measured = [handle.uss for handle in self.in_phase(*UP, Phase.DRAINING) if handle.uss is not None]
+        self.meters.pool(dict(states), sum(1 for handle in self.alive() if handle.generating), self.line.waiting(),
+                         max(measured, default=None))

@@ -4,11 +4,11 @@ When workers keep failing to start (a broken model file, say), a client connecti
 the kernel's accept queue with no answer. Instead, while the arbiter says so, this thread accepts
 those connections and answers every request with a 503 in the error shape of the interface its
 path belongs to (api/wire/shapes.py), a `Retry-After` header and a message that says why; but
-`/health` gets a 200 (the service is alive: its supervisor runs) and `/ready` a 503 with the
-reason. In that case it never races a worker: the arbiter enables it only while no worker process
-that could accept exists or the accept gate keeps them all out (api/accept_gate.py), and
-`disable()` returns only once no further `accept()` can happen, before the arbiter spawns the next
-worker or opens the gate.
+`/health` gets a 200 (the service is alive: its supervisor runs), `/ready` a 503 with the
+reason and `/metrics` the metrics of the whole service (api/metrics.py). In that case it never
+races a worker: the arbiter enables it only while no worker process that could accept exists or
+the accept gate keeps them all out (api/accept_gate.py), and `disable()` returns only once no
+further `accept()` can happen, before the arbiter spawns the next worker or opens the gate.
 
 The arbiter also enables it while the service is *overloaded* (MAX_QUEUE set): every worker is
 generating or holds a client waiting for a slot, and the line is full or no worker is about to be
@@ -31,8 +31,10 @@ import threading
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from api.access import DEEP_CHECK_PATH, AccessPolicy, is_deep_check
+from api.access import DEEP_CHECK_PATH, METRICS_PATH, AccessPolicy, is_deep_check
 from api.errors import ApiError, ServiceUnavailable
+from api.metrics import CONTENT_TYPE, exposition, meters
+from api.request_log import REQUEST_ID_HEADER, request_id
 from api.wire.shapes import error_body
 
 READY_PATH = "/ready"
@@ -73,11 +75,18 @@ class RequestHead:
 
 
 def json_response(status: int, body: object, retry_after: int | None = None,
-                  headers: dict[str, str] | None = None) -> bytes:
+                  headers: dict[str, str] | None = None, request_id: str = "") -> bytes:
     """A complete HTTP response with a JSON body."""
     data = json.dumps(body, separators=(",", ":")).encode() + b"\n"
+    return http_response(status, "application/json", data, retry_after, headers, request_id)
+
+
+def http_response(status: int, content_type: str, data: bytes, retry_after: int | None = None,
+                  headers: dict[str, str] | None = None, request_id: str = "") -> bytes:
     head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
-            "Content-Type: application/json", f"Content-Length: {len(data)}"]
+            f"Content-Type: {content_type}", f"Content-Length: {len(data)}"]
+    if request_id:
+        head.append(f"{REQUEST_ID_HEADER}: {request_id}")
     if retry_after is not None:
         head.append(f"Retry-After: {retry_after}")
     head += [f"{name}: {value}" for name, value in (headers or {}).items()]
@@ -85,25 +94,30 @@ def json_response(status: int, body: object, retry_after: int | None = None,
     return "\r\n".join([*head, "", ""]).encode("latin-1") + data
 
 
-def error_response(error: ApiError, path: str = "") -> bytes:
+def error_response(error: ApiError, path: str = "", request_id: str = "") -> bytes:
     """`error` as a complete HTTP response, in the JSON shape a worker gives on `path`."""
-    return json_response(error.status, error_body(path, error), headers=error.headers())
+    return json_response(error.status, error_body(path, error), headers=error.headers(), request_id=request_id)
 
 
 def decide(request: RequestHead, client: str, access: AccessPolicy, unavailable: ApiError) -> bytes:
-    """The answer for one request: the workers' refusal if they would refuse it; for /health, alive
-    (the supervisor runs) unless it is the deep check, which no worker can run now; for /ready, the
-    reason; else the 503."""
+    """The answer for one request: the workers' refusal if they would refuse it; the metrics (the
+    workers' files are all here); for /health, alive (the supervisor runs) unless it is the deep
+    check, which no worker can run now; for /ready, the reason; else the 503. Each echoes the
+    client's request id (or a new one)."""
+    rid = request_id(request.headers.get("x-request-id"))
     try:
         access.check(client, request.path, request.headers.get("authorization"), request.headers.get("x-api-key"),
                      request.query)
     except ApiError as refusal:
-        return error_response(refusal, request.path)
+        return error_response(refusal, request.path, rid)
+    if request.path == METRICS_PATH:
+        return http_response(200, CONTENT_TYPE, exposition(), request_id=rid)
     if request.path == DEEP_CHECK_PATH and not is_deep_check(request.path, request.query):
-        return json_response(200, {"status": "live", "ready": False, "reason": unavailable.message})
+        return json_response(200, {"status": "live", "ready": False, "reason": unavailable.message}, request_id=rid)
     if request.path in (READY_PATH, DEEP_CHECK_PATH):
-        return json_response(503, {"status": "unavailable", "reason": unavailable.message}, unavailable.retry_after)
-    return error_response(unavailable, request.path)
+        return json_response(503, {"status": "unavailable", "reason": unavailable.message}, unavailable.retry_after,
+                             request_id=rid)
+    return error_response(unavailable, request.path, rid)
 
 
 class FallbackResponder:
@@ -179,7 +193,9 @@ def answer(connection: socket.socket, client: str, access: AccessPolicy, unavail
         connection.settimeout(READ_TIMEOUT)
         with contextlib.suppress(OSError):
             request = read_request(connection)
-            connection.sendall(decide(request, client, access, unavailable))
+            response = decide(request, client, access, unavailable)
+            meters().fallback_responses.labels(response[9:12].decode()).inc()
+            connection.sendall(response)
             connection.shutdown(socket.SHUT_WR)
             connection.recv(1024)  # wait briefly for the client to close first
 

@@ -20,15 +20,20 @@ count goes into the file once it can be written again.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import logging.handlers
+import os
 import queue
+import re
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+from api.request_log import iso_time
 
 LOG_FILE_NAME = "gpt4all-api.log"
 MAX_LINE_BYTES = 16384  # a longer line (llama.cpp progress dots) is written in pieces
@@ -42,6 +47,24 @@ class TaggedFormatter(logging.Formatter):
         if not hasattr(record, "tag"):
             record.tag = f"[supervisor] {record.levelname}"
         return super().format(record)
+
+
+class JsonLineFormatter(logging.Formatter):
+    """LOG_FORMAT=json: a worker's JSON lines as they are; its other lines (llama.cpp's) and the
+    supervisor's records as JSON objects of the same fields."""
+
+    TAG = re.compile(r"\[(worker \d+) pid (\d+)\]")
+
+    def format(self, record: logging.LogRecord) -> str:
+        tag = getattr(record, "tag", None)
+        message = record.getMessage()
+        if tag is not None and message.startswith("{") and message.endswith("}"):
+            return message
+        found = self.TAG.fullmatch(tag) if tag else None
+        line = {"time": iso_time(record.created),
+                "level": record.levelname, "worker": found.group(1) if found else "supervisor",
+                "pid": int(found.group(2)) if found else os.getpid(), "logger": record.name, "message": message}
+        return json.dumps(line, ensure_ascii=False)
 
 
 def supervisor_record(level: int, message: str) -> logging.LogRecord:
@@ -125,13 +148,13 @@ class LogFileHandler(logging.handlers.RotatingFileHandler):
 
 class LogWriter:
     def __init__(self, folder: Path, *, max_bytes: int, backups: int, level: int = logging.INFO,
-                 console: IO[str] | None = sys.stderr) -> None:
+                 console: IO[str] | None = sys.stderr, json_lines: bool = False) -> None:
         """Raises OSError if the log file cannot be created or opened in `folder`."""
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / LOG_FILE_NAME
         self.level = level
         self.queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        formatter = TaggedFormatter()
+        formatter = JsonLineFormatter() if json_lines else TaggedFormatter()
         console_handler = logging.StreamHandler(console) if console is not None else None
         handlers: list[logging.Handler] = [LogFileHandler(
             self.path, max_bytes=max_bytes, backups=backups,

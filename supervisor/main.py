@@ -24,6 +24,7 @@ from pathlib import Path
 from api.accept_gate import AcceptGate
 from api.access import AccessPolicy
 from api.config import ConfigError, Settings, load_settings, settings_to_start
+from api.metrics import SupervisorMeters, prepare_folder
 from api.protocol import EXIT_CONFIG, is_sentinel_name, read_sentinel  # EXIT_CONFIG: one line printed, as a worker does
 from api.slot_queue import SlotQueue, is_ticket_name
 from supervisor.arbiter import Arbiter, Timing
@@ -116,10 +117,12 @@ class Supervisor:
             cleanup.callback(listener.close)
             with unwritable_folder_is_a_config_error("LOG_FOLDER_NAME", settings.log_dir):
                 logs = LogWriter(settings.log_dir, max_bytes=settings.log_max_bytes, backups=settings.log_backups,
-                                 level=logging.DEBUG if settings.debug else logging.INFO)
+                                 level=logging.DEBUG if settings.debug else logging.INFO,
+                                 json_lines=settings.log_format == "json")
             logs.start()
             cleanup.callback(logs.stop)
             self.clear_stale_sentinels()
+            meters = SupervisorMeters(prepare_folder(settings.run_dir))  # before any worker: they inherit its name
             notify = SystemdNotifier()
             cleanup.callback(notify.close)
             for name in SYSTEMD_VARIABLES:  # meant for this process: no worker may inherit them
@@ -133,7 +136,8 @@ class Supervisor:
             self.arbiter = Arbiter(settings, ops, notify=notify, fallback=self.fallback, gate=AcceptGate(settings.run_dir),
                                    reload_settings=self.reload_settings,
                                    timing=Timing(watchdog_interval=min(1.0, notify.watchdog_interval or 1.0)),
-                                   line=SlotQueue(settings.run_dir, settings.max_queue), loop_problem=self.loop_problem)
+                                   line=SlotQueue(settings.run_dir, settings.max_queue), loop_problem=self.loop_problem,
+                                   meters=meters)
             cleanup.callback(self.kill_survivors)
             cleanup.enter_context(self.watching(settings.run_dir))
             self.install_signal_handlers()

@@ -1,5 +1,6 @@
-"""GET /health (this worker is up; `?deep=1` also runs a real one-token generation) and GET /ready
-(a request sent now would be served, or would wait in line, rather than be refused)."""
+"""GET /health (this worker is up; `?deep=1` also runs a real one-token generation), GET /ready
+(a request sent now would be served, or would wait in line, rather than be refused) and GET
+/metrics (the whole service's, in Prometheus' text format: api/metrics.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from flask import Blueprint, Response, jsonify, request
 from api.access import is_deep_check
 from api.errors import ApiError
 from api.generation import GenerationRequest
+from api.metrics import CONTENT_TYPE, exposition
 from api.sampling import SamplingParams
 from api.wire import schemas
 from api.wire.common import client_disconnected, runtime
@@ -84,3 +86,12 @@ def unavailable(body: dict[str, object], *, retry_after: int) -> Response:
     response.status_code = 503
     response.headers["Retry-After"] = str(retry_after)
     return response
+
+
+@blueprint.get("/metrics")
+@documented("Prometheus metrics of the whole service (the API key, unless METRICS_PUBLIC=true)", tags=("Health",),
+            description="Every worker's counters and histograms, the dead ones' included, and the supervisor's gauges, "
+                        "in the Prometheus text format. The README lists the metrics.",
+            responses={200: Reply("The metrics.", str, media_type="text/plain")})
+def metrics() -> Response:
+    return Response(exposition(), content_type=CONTENT_TYPE)

@@ -22,10 +22,19 @@ from api.protocol import (
 log = logging.getLogger("api.worker")  # one logger name for the whole worker, as its log lines show
 
 
-def configure_logging(settings: Settings, *, supervised: bool = False) -> None:
-    # Under the supervisor every line is stamped and tagged by its log writer.
+def configure_logging(settings: Settings, *, supervised: bool = False, worker: str = "worker") -> None:
+    """Text lines (under the supervisor, stamped and tagged by its log writer) or, with
+    LOG_FORMAT=json, one JSON object per line that the log writer passes on as it is."""
+    level = logging.DEBUG if settings.debug else logging.INFO
+    if settings.log_format == "json":
+        from api.request_log import JsonFormatter
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter(worker, os.getpid()))
+        logging.basicConfig(level=level, handlers=[handler])
+        return
     fmt = "%(levelname)s %(name)s: %(message)s" if supervised else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.DEBUG if settings.debug else logging.INFO, format=fmt, stream=sys.stderr)
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
 
 
 def inherit_listening_socket(args: argparse.Namespace) -> socket.socket:

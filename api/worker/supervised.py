@@ -187,7 +187,7 @@ def run_supervised(args: argparse.Namespace, public: socket.socket | None = None
     except ConfigError as error:
         print(error, file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(settings, supervised=True)
+    configure_logging(settings, supervised=True, worker=f"worker {args.worker_id}")
     lifecycle = WorkerLifecycle(
         args.worker_id, args.sentinel, restart_after=args.restart_after,
         request_timeout=settings.request_timeout, stall_timeout=settings.stall_timeout,

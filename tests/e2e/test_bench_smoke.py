@@ -56,6 +56,10 @@ def test_quick_bench_completes_and_writes_json(tmp_path: Path) -> None:
     assert queue["refused by a worker (line full)"]["answered_by_supervisor"] == 0
     assert queue["queue bookkeeping in process"]["per_request_us"] > 0
     assert "one_token_request, restart every request" in stdout
+    costs = scenarios["metrics"]
+    assert costs["instrumentation per request"]["with_metrics_us"] > 0
+    scrape = costs["scrape after 100 dead workers"]
+    assert scrape["files_before"] > 100 > scrape["files_after"], "compaction took in the dead workers' files"
 
 
 def test_a_benchmark_stopped_with_sigterm_stops_the_daemons_it_started(tmp_path: Path) -> None:

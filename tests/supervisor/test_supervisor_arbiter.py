@@ -184,6 +184,22 @@ class FakeLine:
         return 3 * (waiting + 1) // (slots or 1)
 
 
+class FakeMeters:
+    def __init__(self) -> None:
+        self.exits: list[tuple[int, str]] = []
+        self.startups: list[float] = []
+        self.pools: list[tuple[dict[str, int], int, int, int | None]] = []
+
+    def worker_started(self, seconds: float) -> None:
+        self.startups.append(seconds)
+
+    def worker_exited(self, pid: int, reason: str) -> None:
+        self.exits.append((pid, reason))
+
+    def pool(self, states: dict[str, int], generating: int, waiting: int, largest_uss: int | None) -> None:
+        self.pools.append((states, generating, waiting, largest_uss))
+
+
 class Harness:
     def __init__(self, *, with_gate: bool = False, **overrides: object) -> None:
         self.clock = FakeClock()
@@ -194,10 +210,11 @@ class Harness:
         self.problem = ""
         self.notes: list[str] = []
         self.reloaded: Settings | None = None
+        self.meters = FakeMeters()
         gate = {"gate": self.gate} if with_gate else {}
         self.arbiter = Arbiter(make_settings(**overrides), self.ops, clock=self.clock, rng=random.Random(7),
                                notify=self.notes.append, fallback=self.fallback, reload_settings=self.reload,
-                               timing=Timing(tick=0.25), line=self.line, loop_problem=lambda: self.problem, **gate)
+                               timing=Timing(tick=0.25), line=self.line, loop_problem=lambda: self.problem, meters=self.meters, **gate)
 
     def reload(self) -> Settings:
         assert self.reloaded is not None
@@ -888,3 +905,37 @@ def test_the_end_of_the_503_period_is_logged_even_if_the_ready_state_was_never_s
     trial.report(WorkerState.DRAINING, requests_served=1)
     h.tick()
     assert "the service is back after" in caplog.text
+
+
+# -- metrics
+
+
+def test_metrics_hear_startups_exit_reasons_and_the_pool() -> None:
+    h = Harness(RESTART_AFTER_REQUESTS=1, MAX_WORKER_MEMORY_MB=100)
+    first, spare = h.ready_pool()
+    assert len(h.meters.startups) == 2
+    h.tick(5)  # memory is sampled every HEALTH_INTERVAL
+    states, generating, waiting, largest = h.meters.pools[-1]
+    assert states == {"ready": 2} and generating == 0 and waiting == 0 and largest == 50 * MB
+    first.start_generation()
+    h.tick()
+    assert h.meters.pools[-1][1] == 1
+    first.finish()
+    h.tick()
+    assert h.meters.exits == [(first.pid, "served")]
+    spare.uss = 200 * MB
+    spare.start_generation(drains=False)
+    spare.finish(code=0)
+    spare.returncode = None
+    h.tick()  # served more than checked: too big, drained
+    spare.returncode = EXIT_DRAINED
+    h.tick()
+    assert h.meters.exits[-1] == (spare.pid, "bloated")
+    crasher = h.ops.alive()[0]
+    crasher.returncode = -signal.SIGSEGV
+    h.tick()
+    assert h.meters.exits[-1] == (crasher.pid, "crashed")
+    h.tick(30)
+    fail_booting(h)
+    h.tick()
+    assert h.meters.exits[-1][1] == "load_failed"
