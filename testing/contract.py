@@ -47,6 +47,7 @@ HI = [{"role": "user", "content": "Hi"}]
 CASES = [
     _case("get", "/health"),
     _case("get", "/ready"),
+    _case("get", "/metrics"),
     _case("post", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 3}, real=True),
     _case("post", "/gpt4all_api", {"prompt": "Hi", "max_tokens": 3}, headers={"Accept": "application/json"}),
     _case("post", "/gpt4all_api", {"prompt": 5}, 400),
