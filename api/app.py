@@ -29,6 +29,10 @@ from api.wire.common import error_reply
 log = logging.getLogger("api.app")
 
 WORKER_HEADER = "X-Worker-Pid"
+WORKER_REQUEST = "gpt4all_api.worker_request"
+"""The WSGI environ key under which a worker's server puts its handle for the request (its waitress
+task, api/worker/connections.py): the request record carries it to the generation service, which
+gives it to the InferenceObserver with each inference. Absent outside a worker."""
 
 
 def error_response(error: ApiError) -> Response:
@@ -77,7 +81,7 @@ def create_app(settings: Settings, runtime: Runtime) -> Flask:
         """The request's id and record (api/request_log.py), before anything can refuse it."""
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         record = RequestRecord(request_id(request.headers.get(REQUEST_ID_HEADER)), request.method, rule,
-                               request.blueprint or "none")
+                               request.blueprint or "none", worker_request=request.environ.get(WORKER_REQUEST))
         current_request.set(record)
         g.record = record
 

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from api.errors import ApiError, ContextLengthExceeded, EngineFailure, GenerationTimeout, InvalidRequest, ServiceUnavailable
 from api.inference import ChatEngine, EmbeddingCancelled, EmbeddingEngine, EngineError, EngineRun, PromptTooLong
@@ -39,7 +39,10 @@ _DISCONNECT_POLL_SECONDS = 0.2
 class InferenceObserver(Protocol):
     """What the worker process wants to know about inference (see api.worker)."""
 
-    def inference_started(self) -> None: ...
+    def inference_started(self, request: Any) -> None:
+        """`request`: the worker's handle for the HTTP request this inference runs for (the request
+        record's `worker_request`, opaque to the service), or None when there is none."""
+        ...
 
     def progress(self) -> None: ...
 
@@ -47,7 +50,7 @@ class InferenceObserver(Protocol):
 
 
 class NullObserver:
-    def inference_started(self) -> None:
+    def inference_started(self, request: Any) -> None:
         pass
 
     def progress(self) -> None:
@@ -442,7 +445,7 @@ class GenerationService:
         finally:
             place.cancel()
         try:
-            self.observer.inference_started()
+            self.observer.inference_started(worker_request())
             try:
                 return model.count_tokens(prompt, progress=self.observer.progress)
             except PromptTooLong as error:
@@ -487,6 +490,12 @@ def note_tokens(model: str, prompt: int, completion: int) -> None:
         record.completion_tokens += completion
 
 
+def worker_request() -> object:
+    """The worker's handle for the request being served (RequestRecord.worker_request), or None."""
+    record = current_record()
+    return record.worker_request if record is not None else None
+
+
 def note_queue_wait(seconds: float) -> None:
     meters().queue_seconds.observe(seconds)
     record = current_record()
@@ -515,7 +524,7 @@ def start_on_model(place: Place, model: ChatEngine | EmbeddingEngine, request: G
     release_slot = take_slot_then_model(place, model, request, limits)
     try:
         taken_at = time.monotonic()
-        observer.inference_started()
+        observer.inference_started(worker_request())
         threading.Thread(target=work, args=(release_slot,), name=name, daemon=True).start()
     except BaseException:
         release_slot()  # the thread that would have given both back never ran

@@ -47,6 +47,9 @@ class RequestRecord:
     completion_tokens: int = 0
     queue_seconds: float | None = None
     first_token_seconds: float | None = None
+    worker_request: object = field(default=None, repr=False)
+    """The worker's handle for this request (api.app.WORKER_REQUEST), opaque here: the generation
+    service passes it to the InferenceObserver. None outside a worker. Not logged."""
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

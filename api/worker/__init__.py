@@ -30,6 +30,9 @@ supervisor/) it follows the contract in api.protocol:
 
 This package, not the Flask app, decides when to accept connections; the app only reports
 inference through the InferenceObserver protocol (api.generation), which WorkerLifecycle implements.
+Each report names its HTTP request explicitly: the waitress task puts itself in the WSGI environ
+(api.app.WORKER_REQUEST), the app keeps it in the request's record, and the generation service
+passes it to `inference_started(request)`; no thread-local links the two.
 
 By job: `lifecycle.py` the state, counts and exit decision (no waitress, no gpt4all);
 `connections.py` the waitress integration; `supervised.py` a worker under the supervisor;

@@ -1,7 +1,8 @@
 """The waitress integration: how connections and requests reach the worker's lifecycle.
 
 waitress serves the Flask app; these subclasses tell WorkerLifecycle when a client connects, sends a
-request and is answered, render waitress's own refusals in the API's JSON error shape, and close idle
+request and is answered (and pass each request's task to the app in its WSGI environ, so the
+inference it runs is reported for it: WorkerTask), render waitress's own refusals in the API's JSON error shape, and close idle
 connections without ever resetting a request that arrives at that instant (WorkerChannel.close_if_idle).
 """
 
@@ -21,7 +22,7 @@ from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask, WSGITask
 from waitress.utilities import Error as WaitressError
 
-from api.app import WORKER_HEADER
+from api.app import WORKER_HEADER, WORKER_REQUEST
 from api.config import Settings
 from api.errors import (
     ApiError,
@@ -113,9 +114,17 @@ class ApiChannel(HTTPChannel):
 
 
 class WorkerTask(WSGITask):
-    """A waitress task that tells the lifecycle which HTTP requests touched a model."""
+    """A waitress task that tells the lifecycle which HTTP requests touched a model.
+
+    It hands itself to the app in the WSGI environ (WORKER_REQUEST); the generation service passes
+    it back to WorkerLifecycle.inference_started (a lifecycle.ServedRequest), which marks it."""
 
     touched_model = False
+
+    def get_environment(self) -> dict[str, Any]:
+        environ: dict[str, Any] = super().get_environment()  # built once per task, then cached by waitress
+        environ[WORKER_REQUEST] = self
+        return environ
 
     def service(self) -> None:
         lifecycle, public = self.channel.lifecycle, self.channel.one_client_at_a_time
@@ -123,8 +132,7 @@ class WorkerTask(WSGITask):
         if public:
             lifecycle.client_engaged(self.channel.client_key)
         try:
-            with lifecycle.serving(self):
-                super().service()
+            super().service()
         finally:
             lifecycle.request_finished(self)
             if public:

@@ -3,17 +3,18 @@
 WorkerLifecycle knows nothing of waitress or gpt4all: the connection code (api/worker/connections.py)
 tells it about clients and requests, the app tells it about inference through the InferenceObserver
 protocol (api.generation), and it reports itself through the sentinel contract of api/protocol.py.
-Tests drive it with a fake clock and a fake sentinel writer.
+Which HTTP request an inference belongs to comes with the call: the request's waitress task rides in
+its WSGI environ (api.app.WORKER_REQUEST) and the generation service hands it to inference_started,
+so no state is kept per thread. Tests drive it with a fake clock and a fake sentinel writer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -45,13 +46,11 @@ TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
 
 
 class ServedRequest(Protocol):
-    """What the lifecycle needs of an HTTP request being served (a waitress task)."""
+    """What the lifecycle needs of an HTTP request being served (a waitress task, WorkerTask):
+    whether it has touched a model yet, and once answered its status."""
 
     touched_model: bool
     status: str
-
-
-_serving = threading.local()  # the request this thread is serving, if any: see WorkerLifecycle.serving
 
 
 class WorkerLifecycle:
@@ -65,7 +64,8 @@ class WorkerLifecycle:
     def __init__(self, worker_id: int, sentinel: Path, *, restart_after: int, request_timeout: float,
                  stall_timeout: float, clock: Callable[[], float] = time.monotonic,
                  write: Callable[[Path, Sentinel], None] = write_sentinel,
-                 wait_for_gate: Callable[[], None] = lambda: None) -> None:
+                 wait_for_gate: Callable[[], None] = lambda: None,
+                 set_accepting: Callable[[bool], None] = lambda _accepting: None) -> None:
         self.worker_id = worker_id
         self.sentinel_path = sentinel
         self.restart_after = restart_after
@@ -92,10 +92,10 @@ class WorkerLifecycle:
         self._last_progress = 0.0
         self._longest_gap = 0.0
         self._last_progress_write = 0.0
-        self._bare_inferences = 0  # inferences outside a waitress task: each counts as a request
+        self._bare_inferences = 0  # inferences that came with no request: each counts as a request of its own
         self._clients: set[int] = set()  # public connections holding the worker: just accepted, or with a request running
         self._silent: set[int] = set()  # open public connections that sent no request within FRESH_CONNECTION_GRACE
-        self.set_accepting: Callable[[bool], None] = lambda _accepting: None
+        self.set_accepting = set_accepting  # opens or closes the public socket (the supervised worker sets it once its server exists)
 
     # -- reporting
 
@@ -193,14 +193,16 @@ class WorkerLifecycle:
 
     # -- the InferenceObserver protocol (api.generation)
 
-    def inference_started(self) -> None:
+    def inference_started(self, request: ServedRequest | None) -> None:
+        """`request`: the HTTP request the inference runs for, the first inference of which begins an
+        inference request (BUSY, counted towards RESTART_AFTER_REQUESTS); None for one that came
+        without a request, which counts as a request of its own."""
         with self._lock:
-            task = getattr(_serving, "request", None)
-            if task is None:
+            if request is None:
                 self._bare_inferences += 1
                 self._request_began()
-            elif not task.touched_model:
-                task.touched_model = True
+            elif not request.touched_model:
+                request.touched_model = True
                 self._request_began()
             now = self._clock()
             self.generations += 1
@@ -271,16 +273,6 @@ class WorkerLifecycle:
         request thread and the model thread finish in either order; the later one gets here."""
         if self.state is WorkerState.BUSY and self.requests_answered >= self.requests_started and not self.generations:
             self._become(WorkerState.READY)
-
-    @contextlib.contextmanager
-    def serving(self, request: ServedRequest) -> Iterator[None]:
-        """While this thread serves `request`: inference the app reports meanwhile (through the
-        InferenceObserver calls, which carry no request) counts for it."""
-        _serving.request = request
-        try:
-            yield
-        finally:
-            _serving.request = None
 
     def request_finished(self, task: ServedRequest) -> None:
         if not task.touched_model:

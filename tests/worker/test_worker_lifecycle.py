@@ -46,8 +46,8 @@ class Recorder:
 def make(restart_after: int = 1, request_timeout: float = 10, stall_timeout: float = 3) -> tuple[WorkerLifecycle, Clock, Recorder]:
     clock, recorder = Clock(), Recorder()
     lifecycle = WorkerLifecycle(7, Path("unused"), restart_after=restart_after, request_timeout=request_timeout,
-                                stall_timeout=stall_timeout, clock=clock, write=recorder.write)
-    lifecycle.set_accepting = recorder.accepting.append
+                                stall_timeout=stall_timeout, clock=clock, write=recorder.write,
+                                set_accepting=recorder.accepting.append)
     lifecycle.report()
     lifecycle.ready()
     return lifecycle, clock, recorder
@@ -61,12 +61,11 @@ def serve(lifecycle: WorkerLifecycle, clock: Clock, *, generations: int = 1, sta
           seconds: float = 0.1) -> SimpleNamespace:
     """One HTTP request that runs `generations` inferences, as a waitress task would."""
     current = task(status)
-    with lifecycle.serving(current):
-        for _ in range(generations):
-            lifecycle.inference_started()
-            clock.now += seconds
-            lifecycle.progress()
-            lifecycle.inference_finished()
+    for _ in range(generations):
+        lifecycle.inference_started(current)
+        clock.now += seconds
+        lifecycle.progress()
+        lifecycle.inference_finished()
     lifecycle.request_finished(current)  # type: ignore[arg-type]
     return current
 
@@ -83,8 +82,8 @@ def test_a_loaded_worker_says_ready_then_accepts_only_once_past_the_accept_gate(
     seen_at_the_gate: list[tuple[WorkerState, list[bool]]] = []
     lifecycle = WorkerLifecycle(7, Path("unused"), restart_after=0, request_timeout=10, stall_timeout=3,
                                 write=recorder.write,
-                                wait_for_gate=lambda: seen_at_the_gate.append((recorder.last.state, [*recorder.accepting])))
-    lifecycle.set_accepting = recorder.accepting.append
+                                wait_for_gate=lambda: seen_at_the_gate.append((recorder.last.state, [*recorder.accepting])),
+                                set_accepting=recorder.accepting.append)
     lifecycle.report()
     lifecycle.ready()
     assert seen_at_the_gate == [(WorkerState.READY, [])], "READY reported before the gate, no accept before it"
@@ -94,8 +93,8 @@ def test_a_loaded_worker_says_ready_then_accepts_only_once_past_the_accept_gate(
 def test_a_worker_told_to_drain_while_waiting_at_the_gate_never_accepts() -> None:
     recorder = Recorder()
     lifecycle = WorkerLifecycle(7, Path("unused"), restart_after=0, request_timeout=10, stall_timeout=3,
-                                write=recorder.write, wait_for_gate=lambda: lifecycle.drain(EXIT_DRAINED, "asked"))
-    lifecycle.set_accepting = recorder.accepting.append
+                                write=recorder.write, wait_for_gate=lambda: lifecycle.drain(EXIT_DRAINED, "asked"),
+                                set_accepting=recorder.accepting.append)
     lifecycle.ready()
     assert True not in recorder.accepting and recorder.last.state is WorkerState.DRAINING
 
@@ -103,8 +102,7 @@ def test_a_worker_told_to_drain_while_waiting_at_the_gate_never_accepts() -> Non
 def test_a_request_that_will_recycle_the_worker_drains_at_its_start() -> None:
     lifecycle, _clock, recorder = make(restart_after=1)
     current = task()
-    with lifecycle.serving(current):
-        lifecycle.inference_started()
+    lifecycle.inference_started(current)
     assert recorder.last.state is WorkerState.DRAINING and recorder.last.generating
     assert recorder.accepting[-1] is False
     assert lifecycle.closes_connections(), "its response closes the keep-alive connection"
@@ -118,8 +116,7 @@ def test_a_request_that_will_recycle_the_worker_drains_at_its_start() -> None:
 def test_without_a_restart_limit_busy_returns_to_ready() -> None:
     lifecycle, _clock, recorder = make(restart_after=0)
     current = task()
-    with lifecycle.serving(current):
-        lifecycle.inference_started()
+    lifecycle.inference_started(current)
     assert recorder.last.state is WorkerState.BUSY and recorder.accepting[-1] is False
     assert not lifecycle.closes_connections()
     lifecycle.inference_finished()
@@ -148,8 +145,7 @@ def test_a_released_client_does_not_reopen_a_busy_or_draining_worker() -> None:
     lifecycle, _clock, recorder = make(restart_after=1)
     lifecycle.client_connected(1)
     current = task()
-    with lifecycle.serving(current):
-        lifecycle.inference_started()
+    lifecycle.inference_started(current)
     lifecycle.client_connected(2)
     lifecycle.client_went_silent(2)  # a silent second connection let go while the first generates
     assert recorder.accepting[-1] is False and recorder.last.state is WorkerState.DRAINING
@@ -199,8 +195,7 @@ def test_busy_returns_to_ready_when_the_model_thread_finishes_after_the_response
     the generation; whichever comes last makes the worker READY again."""
     lifecycle, _clock, recorder = make(restart_after=0)
     current = task()
-    with lifecycle.serving(current):
-        lifecycle.inference_started()
+    lifecycle.inference_started(current)
     lifecycle.request_finished(current)  # type: ignore[arg-type]
     assert recorder.last.state is WorkerState.BUSY, "the generation has not reported its end yet"
     lifecycle.inference_finished()
@@ -222,17 +217,16 @@ def test_requests_that_touch_no_model_do_not_count() -> None:
     assert lifecycle.requests_served == 0 and lifecycle.exit_code is None
 
 
-def test_an_inference_outside_a_task_counts_as_its_own_request() -> None:
+def test_an_inference_without_a_request_counts_as_its_own_request() -> None:
     lifecycle, _clock, recorder = make(restart_after=0)
-    lifecycle.inference_started()
+    lifecycle.inference_started(None)
     lifecycle.inference_finished()
     assert lifecycle.requests_served == 1 and recorder.last.state is WorkerState.READY
 
 
 def test_progress_heartbeats_are_throttled() -> None:
     lifecycle, clock, recorder = make(restart_after=0)
-    with lifecycle.serving(task()):
-        lifecycle.inference_started()
+    lifecycle.inference_started(task())
     before = len(recorder.written)
     for _ in range(100):  # 100 tokens in 1 s
         clock.now += 0.01
@@ -245,8 +239,7 @@ def test_progress_heartbeats_are_throttled() -> None:
 def test_a_generation_over_request_timeout_recycles_the_worker() -> None:
     lifecycle, clock, recorder = make(restart_after=0, request_timeout=5, stall_timeout=5)
     current = task("504 GATEWAY TIMEOUT")
-    with lifecycle.serving(current):
-        lifecycle.inference_started()
+    lifecycle.inference_started(current)
     for _ in range(6):
         clock.now += 1
         lifecycle.progress()
@@ -257,8 +250,7 @@ def test_a_generation_over_request_timeout_recycles_the_worker() -> None:
 
 def test_a_stalled_generation_recycles_the_worker_when_it_ends() -> None:
     lifecycle, clock, _recorder = make(restart_after=0, request_timeout=60, stall_timeout=3)
-    with lifecycle.serving(task()):
-        lifecycle.inference_started()
+    lifecycle.inference_started(task())
     clock.now += 4  # no token for 4 s
     lifecycle.progress()
     lifecycle.inference_finished()
