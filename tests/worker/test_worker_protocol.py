@@ -45,6 +45,22 @@ def test_after_its_last_request_the_worker_closes_the_connection_and_exits_serve
     assert worker.sentinel().requests_served == 2  # type: ignore[union-attr]
 
 
+def test_the_inferences_of_one_request_count_as_one_request(supervised_worker) -> None:  # type: ignore[no-untyped-def]
+    """A batch runs one inference per prompt, each reported with the request it belongs to (the
+    waitress task, handed over in the WSGI environ): the worker counts one request and stays."""
+    worker = supervised_worker(restart_after=2)
+    worker.wait_state("READY")
+    batch = requests.post(worker.url + "/v1/completions", json={"prompt": ["w", "0"], "max_tokens": 5, "temperature": 0},
+                          timeout=10)
+    assert batch.status_code == 200 and len(batch.json()["choices"]) == 2
+    deadline = time.monotonic() + 5
+    sentinel = worker.wait_state("READY")
+    while sentinel.requests_served != 1 and time.monotonic() < deadline:
+        sentinel = worker.wait_state("READY")
+    assert sentinel.requests_served == 1 and sentinel.inferences == 2
+    assert worker.process.poll() is None, "one request of RESTART_AFTER_REQUESTS=2: the worker stays"
+
+
 def test_drain_closes_idle_keep_alive_connections_and_exits(supervised_worker) -> None:  # type: ignore[no-untyped-def]
     worker = supervised_worker(restart_after=0)
     worker.wait_state("READY")
