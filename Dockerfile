@@ -25,6 +25,10 @@ RUN groupadd --system --gid 10001 gpt4all \
 WORKDIR /app
 USER 10001:10001
 
+# pip's own configuration for the build steps only (ARGs do not stay in the image): an offline
+# build points it at a mounted wheelhouse (deploy/podman-smoke.sh). Unset, pip uses PyPI.
+ARG PIP_CONFIG_FILE
+
 # Dependencies first (a layer that changes only with the requirement files), then the code.
 COPY --chown=gpt4all:gpt4all requirements.txt requirements-models.txt ./
 COPY --chown=gpt4all:gpt4all scripts/ scripts/
