@@ -41,6 +41,7 @@ class Outcome:
     started: float
     ended: float
     upstream: str  # the last address nginx tried ("" if nginx did not say)
+    tried: str  # every address nginx tried, in order ("a, b")
     ok: bool
     detail: str
 
@@ -132,11 +133,11 @@ def one_request(session: requests.Session, url: str, streamed: bool, streaming_a
 
     While a stream's body is being read, its upstream is in `streaming_at`."""
     started = time.monotonic()
-    upstream, ok, detail = "", False, ""
+    upstream, tried, ok, detail = "", "", False, ""
     try:
         if streamed:
             with session.post(url + "/v1/completions", json=STREAM_BODY, stream=True, timeout=30) as response:
-                upstream = last_upstream(response)
+                upstream, tried = last_upstream(response), response.headers.get("X-Upstream-Addr", "")
                 streaming_at.add(upstream)
                 try:
                     lines = [line for line in response.iter_lines() if line.startswith(b"data: ")]
@@ -146,12 +147,12 @@ def one_request(session: requests.Session, url: str, streamed: bool, streaming_a
                 detail = f"{response.status_code}, {len(lines)} data lines"
         else:
             response = session.post(url + "/v1/chat/completions", json=CHAT_BODY, timeout=30)
-            upstream = last_upstream(response)
+            upstream, tried = last_upstream(response), response.headers.get("X-Upstream-Addr", "")
             ok = response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == TINY_CHAT_REPLY
             detail = f"{response.status_code}: {response.text[:200]}"
     except requests.RequestException as error:
         detail = type(error).__name__
-    return Outcome(started, time.monotonic(), upstream, ok, detail)
+    return Outcome(started, time.monotonic(), upstream, tried, ok, detail)
 
 
 def send_load(url: str, stop: threading.Event, outcomes: list[Outcome], streaming_at: set[str], index: int) -> None:
@@ -216,6 +217,7 @@ def test_killing_one_daemon_mid_load_loses_only_its_requests_in_flight(
     assert len(outcomes) >= 30, summary
     for outcome in failed:  # each failure was at the killed daemon, and in flight when it died
         assert outcome.upstream == doomed_addr and outcome.started < killed_done and outcome.ended > killed_at, summary
+        assert outcome.tried == doomed_addr, summary  # a POST that reached a daemon is not sent again
     assert 1 <= len(failed) <= THREADS, summary  # the stream in flight is lost; at most one per client thread
     assert all(o.ok and o.upstream == survivor_addr for o in later), summary
     assert sum(o.ok and o.upstream == doomed_addr for o in outcomes if o.ended < killed_at) >= 5, summary
