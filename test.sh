@@ -14,4 +14,9 @@ setup_runtime
 setup_requirements test requirements-test.txt
 setup_side_venv litellm requirements-litellm.txt  # .venv-litellm: litellm's own pins (tests/wire/test_litellm_client.py)
 setup_models
+# tests/deploy/test_nginx_scale_out.py needs a real nginx; try Debian's quietly, never fail the run for it (it skips)
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Acquire::Retries=0 -o Acquire::http::Timeout=10 nginx \
+        >/dev/null 2>&1 || setup_log "nginx not installed: its test will skip"
+fi
 exec "$PY" -m pytest "$@"
