@@ -12,6 +12,7 @@ def assert_json_refusal(reply: RawReply, pid: int, status: int, code: str | None
     assert reply.status == status, reply
     assert reply.headers["content-type"] == "application/json", reply
     assert reply.headers["x-worker-pid"] == str(pid)
+    assert reply.headers.get("x-request-id"), "every answer carries a request id"
     error = json.loads(reply.body)["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == code and mentions in error["message"], error

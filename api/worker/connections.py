@@ -32,6 +32,7 @@ from api.errors import (
     RequestHeadersTooLarge,
     UnsupportedTransferEncoding,
 )
+from api.request_log import REQUEST_ID_HEADER, request_id
 from api.wire.shapes import error_body
 from api.worker.lifecycle import WorkerLifecycle
 
@@ -86,15 +87,17 @@ def _client_path(request: Any, refused: WaitressError) -> str:
 
 class JsonErrorTask(ErrorTask):
     """waitress's own error answers in the JSON error shape of the interface the request's path belongs
-    to (api/wire/shapes.py: Anthropic's, Ollama's or OpenAI's), tagged with the worker like every
-    other answer (waitress writes plain text). The connection still closes after it."""
+    to (api/wire/shapes.py: Anthropic's, Ollama's or OpenAI's), tagged with the worker and the
+    request id like every other answer (waitress writes plain text). The connection still closes after it."""
 
     def execute(self) -> None:
         refused: WaitressError = self.request.error
         error = waitress_refusal(refused, self.channel.server.adj)
         body = json.dumps(error_body(_client_path(self.request, refused), error)).encode()
         self.status = f"{error.status} {refused.reason}"
-        self.response_headers.extend([("Content-Type", "application/json"), (WORKER_HEADER, str(os.getpid()))])
+        offered = getattr(self.request, "headers", {}).get("X_REQUEST_ID")  # waitress's parser's key for the header
+        self.response_headers.extend([("Content-Type", "application/json"), (WORKER_HEADER, str(os.getpid())),
+                                      (REQUEST_ID_HEADER, request_id(offered))])
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)

@@ -128,6 +128,13 @@ def test_what_waitress_refuses_is_a_json_error_from_the_worker(tiny_worker: Serv
     assert_json_refusal(raw_exchange(tiny_worker.port, request_bytes), tiny_worker.pid, status, code, mentions)
 
 
+def test_a_refusal_of_waitress_echoes_the_clients_request_id(tiny_worker: ServerProcess) -> None:
+    """waitress answers these before the app's hooks run: the id must not be lost there either."""
+    request = POST_HEAD + b"X-Request-Id: trace-413\r\n" + f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode()
+    reply = raw_exchange(tiny_worker.port, request)
+    assert reply.status == 413 and reply.headers["x-request-id"] == "trace-413", reply
+
+
 def test_expect_continue_with_a_body_over_the_limit_is_a_413_not_a_continue(tiny_worker: ServerProcess) -> None:
     """A client that asks before sending a body too large must hear 413 at once. waitress said
     `100 Continue` and then waited for a body it was going to refuse."""
