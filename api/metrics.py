@@ -43,7 +43,7 @@ PREFIX = "gpt4all_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 STARTUP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0)
 
-EXIT_REASONS = ("served", "crashed", "hung", "bloated", "reload", "load_failed", "stopped")
+EXIT_REASONS = ("served", "recycled", "crashed", "hung", "bloated", "reload", "load_failed", "stopped")
 
 
 def prepare_folder(run_dir: Path) -> Path:

@@ -26,7 +26,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from api.config import ConfigError, Settings
-from api.protocol import CLEAN_EXITS, EXIT_MODEL_LOAD_FAILED, Command, Sentinel, WorkerState, describe_exit, describe_failure_for_clients
+from api.protocol import (
+    CLEAN_EXITS,
+    EXIT_DRAINED,
+    EXIT_MODEL_LOAD_FAILED,
+    Command,
+    Sentinel,
+    WorkerState,
+    describe_exit,
+    describe_failure_for_clients,
+)
 from supervisor.policy import Backoff, restart_after_with_jitter
 
 log = logging.getLogger("supervisor")
@@ -444,8 +453,12 @@ class Arbiter:
             return "load_failed"
         if handle.stop_requested or self.stopping:
             return "stopped"
+        if handle.retire_cause and code in CLEAN_EXITS:
+            return handle.retire_cause
+        if code == EXIT_DRAINED:  # it recycled itself (a request failed or overran): it did not crash
+            return "recycled"
         if code in CLEAN_EXITS:
-            return handle.retire_cause or "served"
+            return "served"
         return "crashed"
 
     def record_failure(self, handle: WorkerHandle, story: str, now: float, *, for_clients: str = "a worker failed") -> None:

@@ -939,3 +939,17 @@ def test_metrics_hear_startups_exit_reasons_and_the_pool() -> None:
     fail_booting(h)
     h.tick()
     assert h.meters.exits[-1][1] == "load_failed"
+
+
+def test_a_worker_that_recycles_itself_after_a_failed_request_counts_as_recycled_not_crashed_nor_served() -> None:
+    """A worker drains on its own (EXIT_DRAINED, no DRAIN sent) after a 500/504 or an overrun: the
+    supervisor did not ask, it did not crash, and it did not end as planned after serving."""
+    h = Harness()
+    first, _ = h.ready_pool()
+    first.start_generation(drains=False)
+    h.tick()
+    first.report(WorkerState.DRAINING, generating=False, reason="an inference request ended with 504")
+    first.returncode = EXIT_DRAINED
+    h.tick()
+    assert not any(line.startswith("drain") for line in first.sent)  # the supervisor never asked
+    assert h.meters.exits == [(first.pid, "recycled")]
