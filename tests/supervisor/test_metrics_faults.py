@@ -20,11 +20,25 @@ API_KEY = "metrics-key"
 USER = [{"role": "user", "content": "Hello!"}]
 
 
+def load_failed_503(service: Service, **headers: str) -> requests.Response:
+    """The fallback's first 503 that says the model could not be loaded (so a load has failed);
+    earlier ones may say it is still loading, and before the supervisor listens nothing answers."""
+    def unavailable() -> list[requests.Response]:  # a list: a Response with an error status is falsy
+        try:
+            reply = requests.post(service.url + "/v1/chat/completions", json={"messages": USER}, headers=headers,
+                                  timeout=10)
+        except requests.RequestException:
+            return []
+        return [reply] if reply.status_code == 503 and "could not be loaded" in reply.text else []
+
+    [reply] = service.wait_for(unavailable, 20, "the 503 fallback naming the load failure")  # type: ignore[misc]
+    return reply
+
+
 def fallback_503s(service: Service, count: int) -> int:
-    """Send `count` chat requests that the fallback answers (once it answers); the 503s seen."""
+    """Send `count` chat requests that the fallback answers; the 503s seen."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    service.wait_for(lambda: requests.post(service.url + "/v1/chat/completions", json={"messages": USER},
-                                           headers=headers, timeout=30).status_code == 503, 20, "the 503 fallback")
+    load_failed_503(service, **headers)
     statuses = [requests.post(service.url + "/v1/chat/completions", json={"messages": USER}, headers=headers,
                               timeout=30).status_code for _ in range(count)]
     return statuses.count(503)
@@ -39,14 +53,13 @@ def test_the_fallback_serves_metrics_counting_its_503s_and_the_load_failures(
                             WARM_SPARES=0, RESTART_BACKOFF_MAX=1)
     seen = fallback_503s(service, 3)
     assert seen == 3
-    assert not service.workers() or all(s.state.value != "READY" for s in service.sentinels().values())
     bare = requests.get(service.url + "/metrics", headers={"X-Request-Id": "fb-metrics-1"}, timeout=30)
     assert bare.headers["X-Request-Id"] == "fb-metrics-1"
     if public:
         assert bare.status_code == 200, bare.text
     else:
         assert bare.status_code == 401, bare.text
-        assert bare.json()["error"]["code"] == "invalid_api_key" or "error" in bare.json()
+        assert "error" in bare.json() and API_KEY not in bare.text
     samples = scrape(service, Authorization=f"Bearer {API_KEY}")
     assert "gpt4all_fallback_responses_total" in {name for name, _ in samples}
     assert value(samples, "gpt4all_fallback_responses_total", status="503") >= seen + 1  # + the wait_for probe
@@ -63,7 +76,8 @@ WIRE_CASES = {  # path: (good body, bad body)
     "/v1/chat/completions": ({"messages": USER, "max_tokens": 4, "temperature": 0}, {"messages": "not a list"}),
     "/v1/responses": ({"input": "Hello!", "max_output_tokens": 4, "temperature": 0}, {"max_output_tokens": 4}),
     "/v1/messages": ({"messages": USER, "max_tokens": 4, "temperature": 0}, {"max_tokens": 4}),
-    "/api/chat": ({"model": TINY_CHAT, "messages": USER, "options": {"num_predict": 4, "temperature": 0}}, {"model": TINY_CHAT, "messages": 7}),
+    "/api/chat": ({"model": TINY_CHAT, "messages": USER, "options": {"num_predict": 4, "temperature": 0}},
+                  {"model": TINY_CHAT, "messages": 7}),
 }
 
 
@@ -109,13 +123,8 @@ def test_the_fallback_503_echoes_the_request_id(start_service: Callable[..., Ser
     (models / TINY_CHAT).write_bytes(os.urandom(4096))
     service = start_service(wait=False, model_dir=models, WARM_SPARES=0, RESTART_BACKOFF_MAX=1)
 
-    def unavailable() -> requests.Response | None:
-        reply = requests.post(service.url + "/v1/chat/completions", json={"messages": USER},
-                              headers={"X-Request-Id": "fb-503-7"}, timeout=30)
-        return reply if reply.status_code == 503 else None
-
-    reply = service.wait_for(unavailable, 20, "the 503 fallback")
-    assert isinstance(reply, requests.Response) and reply.headers["X-Request-Id"] == "fb-503-7"
+    reply = load_failed_503(service, **{"X-Request-Id": "fb-503-7"})
+    assert reply.headers["X-Request-Id"] == "fb-503-7"
     fresh = requests.post(service.url + "/v1/chat/completions", json={"messages": USER}, timeout=30)
     assert fresh.status_code == 503 and fresh.headers.get("X-Request-Id")
 
