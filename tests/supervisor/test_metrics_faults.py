@@ -150,3 +150,16 @@ def test_a_hung_worker_and_a_reload_are_counted_by_their_reason(start_service: C
     assert value(after, "gpt4all_worker_exits_total", reason="hung") == 1
     assert value(after, "gpt4all_worker_exits_total", reason="crashed") == 0
     assert total(after, "gpt4all_worker_exits_total") == 1 + len(old)
+
+
+def test_a_worker_that_recycles_itself_after_a_504_is_counted_as_recycled(
+        start_service: Callable[..., Service]) -> None:
+    service = start_service(RESTART_AFTER_REQUESTS=0, REQUEST_TIMEOUT=1.5, STALL_TIMEOUT=1.5)
+    response = requests.post(service.url + "/v1/completions", json=ENDLESS, timeout=20)
+    assert response.status_code == 504
+    service.wait_for(lambda: value(scrape(service), "gpt4all_worker_exits_total", reason="recycled") == 1, 10,
+                     "the self-recycled worker counted")
+    samples = scrape(service)
+    assert value(samples, "gpt4all_worker_exits_total", reason="crashed") == 0
+    assert value(samples, "gpt4all_worker_exits_total", reason="served") == 0
+    assert value(samples, "gpt4all_worker_exits_total", reason="hung") == 0
