@@ -25,8 +25,6 @@ def raw_exchange(port: int, request: bytes) -> RawReply:
         return read_reply(connection)
 
 
-
-
 MAX_BODY = 1024 * 1024  # MAX_REQUEST_BYTES's default
 
 

@@ -261,8 +261,6 @@ def start_worker(model_dir: Path, tmp_path: Path, **settings: object) -> ServerP
     return ServerProcess([PYTHON, "-m", "api"], env, port, tmp_path / f"worker-{port}.log").start()
 
 
-
-
 ENDLESS = {"prompt": "count 0", "max_tokens": 100000, "temperature": 0}  # digits until cancelled
 
 
@@ -300,8 +298,6 @@ def supervisor_env(model_dir: Path, folder: Path, port: int, **settings: object)
     values = {**tiny_settings(), **FAST, **settings}
     return base_env(MODEL_PATH=model_dir, LISTEN_PORT=port, WATCHDOG_TEMPFILE=folder / "run",
                     LOG_FOLDER_NAME=folder / "logs", **values)
-
-
 
 
 class Worker:
@@ -349,9 +345,6 @@ class Worker:
             self.process.kill()
         self.process.wait(5)
         self.listener.close()
-
-
-
 
 
 def gone(pid: int) -> bool:

@@ -33,8 +33,6 @@ PROGRESS_WRITE_INTERVAL = 0.5
 """Seconds between sentinel writes while tokens come: the heartbeat, throttled."""
 
 
-
-
 # Every allowed change of state, in one place. DRAINING is final: once a worker is on its way out,
 # nothing brings it back to accepting.
 TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {

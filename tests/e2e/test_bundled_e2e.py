@@ -16,9 +16,6 @@ from testing.servers import ServerProcess
 pytestmark = pytest.mark.bundled
 
 
-
-
-
 @pytest.fixture
 def client(bundled_worker: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=bundled_worker.url + "/v1", api_key="unused", max_retries=0)
@@ -87,8 +84,6 @@ def test_anthropic_messages_know_the_capital_of_france(bundled_worker: ServerPro
     counted = client.messages.count_tokens(model=arguments["model"], system=arguments["system"],  # type: ignore[arg-type]
                                            messages=arguments["messages"])  # type: ignore[arg-type]
     assert counted.input_tokens == message.usage.input_tokens
-
-
 
 
 def test_paraphrases_are_closer_than_unrelated_texts(client: openai.OpenAI) -> None:

@@ -28,15 +28,9 @@ from testing.tiny_models import build_tiny_chat_model
 # -- the loopback model server
 
 
-
-
-
-
 @pytest.fixture(scope="session")
 def tiny_model_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return build_tiny_chat_model(tmp_path_factory.mktemp("served") / "served.gguf").read_bytes()
-
-
 
 
 @pytest.fixture
@@ -186,8 +180,6 @@ def test_a_catalog_file_on_disk_works_too(tmp_path: Path, model_server: ModelSer
     catalog_file.write_text(json.dumps(model_server.catalog))
     downloader = ModelDownloader(settings_for(tmp_path, MODEL_CATALOG_URL=catalog_file))
     assert downloader.retrieve("good.gguf").downloaded
-
-
 
 
 def test_concurrent_requests_for_one_model_share_one_download(tmp_path: Path, model_server: ModelServer) -> None:

@@ -39,12 +39,6 @@ def refuses_connections(port: int) -> bool:
     return False
 
 
-
-
-
-
-
-
 # -- restart after each request, with no gap
 
 

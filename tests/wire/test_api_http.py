@@ -92,14 +92,6 @@ def test_a_surrogate_pair_is_text_like_any_other(tiny_worker: ServerProcess) -> 
 MAX_HEADER = Adjustments.max_request_header_size  # waitress's default, which the worker keeps
 
 
-
-
-
-
-
-
-
-
 # Each request ends exactly where waitress refuses it: no unread bytes left behind, so the close
 # after the answer is a clean one on every run.
 WAITRESS_REFUSALS = {
@@ -116,8 +108,6 @@ WAITRESS_REFUSALS = {
     "headers over the limit": (b"GET /health HTTP/1.1\r\nX-Padding: ".ljust(MAX_HEADER, b"p"), 431,
                                "request_headers_too_large", f"larger than {MAX_HEADER} bytes"),
 }
-
-
 
 
 @pytest.mark.parametrize(("request_bytes", "status", "code", "mentions"), WAITRESS_REFUSALS.values(),

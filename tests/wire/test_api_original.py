@@ -49,8 +49,6 @@ def test_streamed_reply(tiny_worker: ServerProcess) -> None:
     assert len(pieces) > 1
 
 
-
-
 def test_missing_prompt(tiny_worker: ServerProcess) -> None:
     assert_json_error(post(tiny_worker, {"persona": "x"}), 400, "'prompt' is required")
 

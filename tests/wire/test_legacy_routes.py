@@ -25,8 +25,6 @@ TINY_SHORT = "tiny-short.gguf"
 LONG_PROMPT = "word " * 30  # 150 byte tokens: over tiny-short's 64, well within tiny-chat's 512
 
 
-
-
 @pytest.fixture(scope="module")
 def legacy_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("legacy-models")

@@ -27,8 +27,6 @@ KEY = "docs-key"
 SKIPPED_METHODS = {"HEAD", "OPTIONS"}
 
 
-
-
 @pytest.fixture
 def app(tmp_path: Path) -> Flask:
     return make_app(tmp_path)

@@ -14,10 +14,6 @@ from testing.tiny_models import TINY_CHAT, TINY_EMBED
 CHAT = {"messages": [{"role": "user", "content": "Hello!"}], "temperature": 0}
 
 
-
-
-
-
 def test_ready_worker_serves_and_the_control_port_answers_health(supervised_worker) -> None:  # type: ignore[no-untyped-def]
     worker = supervised_worker(restart_after=0)
     sentinel = worker.wait_state("READY")
