@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import shutil
 import threading
@@ -42,6 +43,8 @@ PREFIX = "gpt4all_"
 # Seconds: from a pause below a millisecond (an idle slot) to a long generation.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 STARTUP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0)
+
+log = logging.getLogger("supervisor")  # compaction runs in the supervisor's loop
 
 EXIT_REASONS = ("served", "recycled", "crashed", "hung", "bloated", "reload", "load_failed", "stopped")
 
@@ -173,11 +176,13 @@ class FolderCollector:
     def collect(self) -> Iterable[Any]:
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        for _attempt in range(3):
+        for attempt in range(3):
             taken = snapshot(self.folder)
             try:
                 metrics = list(MultiProcessCollector.merge(taken.files, accumulate=True))
             except FileNotFoundError:
+                if attempt == 2:
+                    raise  # compaction kept deleting what we read: an error, not a silently short answer
                 continue
             if newest_generation(self.folder)[0] == taken.generation:
                 return metrics
@@ -217,22 +222,33 @@ class Compactor:
         self.folder = folder
         self.every = every
         self.dead: list[int] = []
+        self.due = every  # dead workers at which the next compaction runs
         self.generation = 0
 
     def worker_gone(self, pid: int) -> None:
+        """Called by the supervisor's loop: a compaction that fails (a full disk, say) is logged and
+        tried again `every` deaths later; it must never stop the loop, and loses nothing
+        (the dead workers' files stay and are scraped as they are)."""
         self.dead.append(pid)
-        if len(self.dead) >= self.every:
+        if len(self.dead) < self.due:
+            return
+        try:
             self.compact()
+        except OSError as error:
+            log.warning("could not compact the metrics of %d dead workers (a scrape reads their files as they are; "
+                        "tried again later): %s", len(self.dead), error)
+            self.due = len(self.dead) + self.every
 
     def compact(self) -> None:
+        """The dead workers' files and the last generation, added up into the next generation. The
+        state (which generation is current, which pids are left) changes only once it is in place."""
         from prometheus_client.mmap_dict import MmapedDict
 
         dead_files = files_of(self.folder, self.dead)
-        self.dead = []
         previous = self.generation_folder(self.generation) if self.generation else None
         inputs = dead_files + (glob.glob(os.path.join(previous, "*.db")) if previous else [])
-        self.generation += 1
-        building = self.folder / COMPACTED_FOLDER / f".building-{self.generation}"
+        number = self.generation + 1
+        building = self.folder / COMPACTED_FOLDER / f".building-{number}"
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir(parents=True)
         for kind, values in summed_values(inputs).items():
@@ -242,7 +258,8 @@ class Compactor:
                     table.write_value(key, value, 0.0)
                 table.close()
         (building / MANIFEST).write_text(json.dumps(sorted(os.path.basename(path) for path in dead_files)))
-        os.replace(building, self.generation_folder(self.generation))  # visible at once, manifest included
+        os.replace(building, self.generation_folder(number))  # visible at once, manifest included
+        self.generation, self.dead, self.due = number, [], self.every
         for path in dead_files:
             with contextlib.suppress(OSError):
                 os.unlink(path)

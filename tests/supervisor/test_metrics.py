@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable
+from pathlib import Path
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -137,3 +138,39 @@ def test_compaction_keeps_every_count_and_removes_dead_files(tmp_path) -> None: 
     compactor.compact()  # a second generation on top of the first
     assert samples() == before
     assert not list(folder.glob("*.db"))
+
+
+def test_a_compaction_that_fails_stops_nothing_and_loses_no_count(tmp_path: Path) -> None:
+    """A compaction runs in the supervisor's loop: if it cannot write (here: something in the way
+    of its working folder, as a full disk would), the loop goes on, every count is still scraped,
+    and the next compaction still adds the earlier generation in."""
+    import os
+    import subprocess
+    import sys
+
+    from api.metrics import COMPACTED_FOLDER, Compactor, FolderCollector
+    from testing.servers import REPO
+
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    code = "from api.metrics import meters; meters().requests.labels('/x', '200', 'w').inc(2)"
+    pids = []
+    for _ in range(3):
+        child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO,
+                                 env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)})
+        assert child.wait(60) == 0
+        pids.append(child.pid)
+
+    def requests_counted() -> float:
+        return sum(sample.value for family in FolderCollector(folder).collect() for sample in family.samples
+                   if sample.name == "gpt4all_http_requests_total")
+
+    compactor = Compactor(folder, every=1)
+    compactor.worker_gone(pids[0])  # generation 1
+    (folder / COMPACTED_FOLDER / ".building-2").write_text("in the way")
+    compactor.worker_gone(pids[1])  # fails: logged, not raised
+    assert compactor.generation == 1 and requests_counted() == 6
+    (folder / COMPACTED_FOLDER / ".building-2").unlink()
+    compactor.worker_gone(pids[2])  # tried again, with the two it could not compact
+    assert compactor.generation == 2 and requests_counted() == 6
+    assert not list(folder.glob("*.db")), "every dead worker's files were compacted"
