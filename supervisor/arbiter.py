@@ -420,7 +420,10 @@ class Arbiter:
             code = handle.child.poll()
             if code is None:
                 continue
-            handle.sentinel = handle.child.read_sentinel() or handle.sentinel  # its last words
+            last_words = handle.child.read_sentinel()
+            if last_words is not None and last_words.requests_served > handle.served:
+                self.last_served_at = now  # it served and exited between two of our reads: it still served
+            handle.sentinel = last_words or handle.sentinel
             self.account_exit(handle, code, now)
             self.meters.worker_exited(handle.pid, self.exit_reason(handle, code))
             handle.transition(Phase.EXITED, now)

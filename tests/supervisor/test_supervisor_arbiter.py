@@ -843,6 +843,19 @@ def test_watchdog_pings_stop_once_served_while_a_generation_shows_no_progress_pa
     assert not h.notes[-1].startswith("WATCHDOG=1")
 
 
+def test_a_request_served_by_a_worker_that_exits_before_the_next_read_still_counts_as_served() -> None:
+    """With a restart per request a worker serves and exits between two passes of the loop; only its
+    last words (the sentinel read when it is reaped) say it served. Even if it was killed right after."""
+    for code in (EXIT_SERVED, -9):
+        h = Harness(WARM_SPARES=0)
+        [a] = h.ready_pool()
+        assert h.arbiter.last_served_at is None
+        a.report(WorkerState.DRAINING, generating=False, requests_served=1)
+        a.returncode = code  # gone before the loop read that sentinel
+        h.tick()
+        assert h.arbiter.last_served_at is not None, code
+
+
 def test_watchdog_keeps_pinging_before_the_first_request_even_if_no_worker_ever_loads() -> None:
     h = Harness(RESTART_BACKOFF_MAX=2, BOOT_TIMEOUT=2)
     for _ in range(40):
