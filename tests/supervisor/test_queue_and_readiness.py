@@ -284,6 +284,9 @@ def test_watchdog_pings_stop_while_no_worker_can_come_back_after_serving_and_res
                                 env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"})
         assert pings(notify.read_for(1.5)) >= 2, "pings while nothing was served yet"
         assert service.chat().status_code == 200
+        # the client has its answer before the worker records it: killing the worker in between
+        # would leave the supervisor no way to know the service served (its precondition here)
+        service.wait_for(lambda: "exited after serving 1 request(s)" in service.log(), 10, "the served worker's exit")
         shutil.copy(models / TINY_CHAT, tmp_path / "good.gguf")
         (tmp_path / "broken.gguf").write_bytes(os.urandom(4096))
         os.rename(tmp_path / "broken.gguf", models / TINY_CHAT)  # by rename: a running worker keeps its mapping
