@@ -140,8 +140,20 @@ class Snapshot:
     files: list[str]
 
 
+_HEADER_BYTES = 8  # prometheus-client's file header: the used length, then padding
+
+
 def live_files(folder: Path) -> list[str]:
-    return glob.glob(os.path.join(folder, "*.db"))
+    """The processes' own files, except one a starting process has created but not sized yet: it
+    holds no sample, and prometheus-client's reader fails on a file shorter than its header."""
+    return [path for path in glob.glob(os.path.join(folder, "*.db")) if _initialised(path)]
+
+
+def _initialised(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= _HEADER_BYTES
+    except OSError:
+        return True  # gone meanwhile: the collector's retry on FileNotFoundError handles that
 
 
 def newest_generation(folder: Path) -> tuple[int, set[str]]:

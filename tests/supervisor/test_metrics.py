@@ -174,3 +174,24 @@ def test_a_compaction_that_fails_stops_nothing_and_loses_no_count(tmp_path: Path
     compactor.worker_gone(pids[2])  # tried again, with the two it could not compact
     assert compactor.generation == 2 and requests_counted() == 6
     assert not list(folder.glob("*.db")), "every dead worker's files were compacted"
+
+
+def test_a_scrape_skips_a_file_a_starting_worker_has_not_sized_yet(tmp_path: Path) -> None:
+    """A starting worker creates its file empty, then sizes it: a scrape between the two steps
+    (a replacement starting while someone scrapes) read it and answered 500."""
+    import os
+    import subprocess
+    import sys
+
+    from api.metrics import FolderCollector
+    from testing.servers import REPO
+
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    code = "from api.metrics import meters; meters().requests.labels('/x', '200', 'w').inc(2)"
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)})
+    assert child.wait(60) == 0
+    (folder / "counter_999999.db").touch()  # what open(..., "a+b") leaves before the truncate
+    counted = sum(sample.value for family in FolderCollector(folder).collect() for sample in family.samples
+                  if sample.name == "gpt4all_http_requests_total")
+    assert counted == 2
